@@ -1,0 +1,81 @@
+//! The drafter contract: propose a token tree continuing the current sequence, and learn
+//! from which drafted tokens the target model accepted.
+//!
+//! A draft is a tree in parent-array form: node `i` has token `tokens[i]` and parent
+//! `parents[i]` (`-1` = attached to the last accepted token; otherwise an earlier node
+//! index, so parents always precede children). A linear draft is the one-branch case.
+
+use abi_stable::sabi_trait;
+use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, RVec};
+use abi_stable::{declare_root_module_statics, library::RootModule, package_version_strings};
+use abi_stable::{sabi_types::VersionStrings, StableAbi};
+
+use crate::PluginInfo;
+
+/// Limits the host puts on one proposal.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct DraftBudget {
+    /// Most nodes in the tree.
+    pub max_nodes: u32,
+    /// Deepest path.
+    pub max_depth: u32,
+}
+
+/// A proposed token tree.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct DraftTree {
+    pub tokens: RVec<u32>,
+    pub parents: RVec<i32>,
+    /// The drafter's confidence per node (may be empty).
+    pub scores: RVec<f32>,
+}
+
+/// What happened to the last proposal.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct DraftFeedback {
+    /// Tokens appended to the sequence by this step (accepted drafts plus the target's token).
+    pub accepted: RVec<u32>,
+    /// How many drafted tokens were accepted.
+    pub n_accepted_draft: u32,
+    /// How many nodes were drafted.
+    pub n_drafted: u32,
+}
+
+#[sabi_trait]
+pub trait DrafterFfi: Send {
+    /// Starts a request whose prompt is `prompt`.
+    fn begin(&mut self, prompt: RSlice<'_, u32>) -> RResult<(), RString>;
+
+    /// Proposes a continuation of `sequence` (prompt + accepted output so far).
+    fn propose(&mut self, sequence: RSlice<'_, u32>, budget: DraftBudget) -> RResult<DraftTree, RString>;
+
+    /// Reports the outcome of the last proposal.
+    fn observe(&mut self, feedback: &DraftFeedback) -> RResult<(), RString>;
+
+    /// Ends the request (drafters may persist what they learned).
+    #[sabi(last_prefix_field)]
+    fn finish(&mut self) -> RResult<(), RString>;
+}
+
+pub type DrafterBox = DrafterFfi_TO<'static, RBox<()>>;
+
+/// Root module of a drafter plugin library.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = DrafterModRef)))]
+#[sabi(missing_field(panic))]
+pub struct DrafterMod {
+    pub info: extern "C" fn() -> PluginInfo,
+    #[sabi(last_prefix_field)]
+    pub create: extern "C" fn(options_json: RStr<'_>) -> RResult<DrafterBox, RString>,
+}
+
+impl RootModule for DrafterModRef {
+    declare_root_module_statics! {DrafterModRef}
+    const BASE_NAME: &'static str = "coordgen_drafter";
+    const NAME: &'static str = "coordgen_drafter";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
