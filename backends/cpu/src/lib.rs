@@ -1,1 +1,287 @@
+//! The CPU compute backend, built as a `cdylib` plugin exporting a [`BackendModRef`] root
+//! module. [`CpuBackend`] is the native implementation; [`FfiCpu`] is the thin, panic-guarded
+//! adapter the plugin hands to the host.
+
+pub mod forward;
+pub mod model;
+pub mod ops;
+pub mod pool;
+pub mod simd;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use abi_stable::export_root_module;
+use abi_stable::prefix_type::PrefixTypeTrait;
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use coordgen_interface::{
+    guard, BackendBox, BackendCaps, BackendFfi, BackendFfi_TO, BackendMod, BackendModRef, ForwardBatch, ForwardOutput,
+    LoadRequest, ModelDesc, PluginInfo, PluginKind, INTERFACE_VERSION,
+};
+use coordgen_model::quant::GgmlType;
+
+use forward::{Batch, Slot};
+use model::CpuModel;
+use pool::ThreadPool;
+use simd::Isa;
+
+/// Widest batch accepted in one forward.
+pub const MAX_WIDTH: u32 = 4096;
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    threads: Option<u32>,
+}
+
+pub struct CpuBackend {
+    pool: ThreadPool,
+    isa: Isa,
+    models: HashMap<u64, Arc<CpuModel>>,
+    slots: HashMap<u32, Slot>,
+    next_model: u64,
+    next_slot: u32,
+}
+
+/// Threads to use by default: one per core the process may run on.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Self {
+        let threads = if threads == 0 { default_threads() } else { threads };
+        CpuBackend {
+            pool: ThreadPool::new(threads),
+            isa: simd::detect(),
+            models: HashMap::new(),
+            slots: HashMap::new(),
+            next_model: 1,
+            next_slot: 1,
+        }
+    }
+
+    pub fn from_options_json(json: &str) -> Result<Self, String> {
+        let opts: Options = if json.trim().is_empty() {
+            Options::default()
+        } else {
+            serde_json::from_str(json).map_err(|e| format!("cpu backend options: {e}"))?
+        };
+        Ok(Self::new(opts.threads.unwrap_or(0) as usize))
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn capabilities(&self) -> BackendCaps {
+        BackendCaps {
+            weight_types: GgmlType::ALL.iter().map(|t| RString::from(t.name())).collect(),
+            kv_types: RVec::from(vec![RString::from("f32")]),
+            widths: RVec::new(),
+            max_width: MAX_WIDTH,
+            max_context: 0,
+            width_switch_cost_us: 0,
+            batch_invariant: true,
+            threads: self.pool.threads() as u32,
+        }
+    }
+
+    pub fn set_threads(&mut self, n: u32) {
+        let n = if n == 0 { default_threads() } else { n as usize };
+        if n != self.pool.threads() {
+            self.pool = ThreadPool::new(n);
+        }
+    }
+
+    pub fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
+        let m = CpuModel::load(path)?;
+        let id = self.next_model;
+        self.next_model += 1;
+        let desc = ModelDesc {
+            handle: id,
+            arch: m.hp.arch.name().into(),
+            n_vocab: m.hp.n_vocab as u32,
+            n_layer: m.hp.n_layer as u32,
+            n_embd: m.hp.n_embd as u32,
+            n_ctx_train: m.hp.n_ctx_train as u32,
+            weight_bytes: m.weight_bytes,
+            extra_bytes: 0,
+        };
+        self.models.insert(id, Arc::new(m));
+        Ok(desc)
+    }
+
+    pub fn unload_model(&mut self, id: u64) -> Result<(), String> {
+        if self.slots.values().any(|s| s.model == id) {
+            return Err(format!("model {id} still has KV slots; free them first"));
+        }
+        self.models.remove(&id).map(|_| ()).ok_or_else(|| format!("no model with handle {id}"))
+    }
+
+    fn model(&self, id: u64) -> Result<&Arc<CpuModel>, String> {
+        self.models.get(&id).ok_or_else(|| format!("no model with handle {id}"))
+    }
+
+    fn slot(&mut self, id: u32) -> Result<&mut Slot, String> {
+        self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))
+    }
+
+    pub fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {
+        if n_ctx == 0 {
+            return Err("a KV slot needs at least one entry".into());
+        }
+        let m = self.model(model)?.clone();
+        let id = self.next_slot;
+        self.next_slot += 1;
+        self.slots.insert(id, Slot::new(model, &m, n_ctx as usize));
+        Ok(id)
+    }
+
+    pub fn free_slot(&mut self, id: u32) -> Result<(), String> {
+        self.slots.remove(&id).map(|_| ()).ok_or_else(|| format!("no KV slot {id}"))
+    }
+
+    pub fn slot_len(&self, id: u32) -> Result<u32, String> {
+        self.slots.get(&id).map(|s| s.len as u32).ok_or_else(|| format!("no KV slot {id}"))
+    }
+
+    pub fn truncate(&mut self, id: u32, len: u32) -> Result<(), String> {
+        let s = self.slot(id)?;
+        if len as usize > s.len {
+            return Err(format!("cannot truncate slot {id} of length {} to {len}", s.len));
+        }
+        s.len = len as usize;
+        Ok(())
+    }
+
+    pub fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> Result<(), String> {
+        if src == dst {
+            return Err("copy_prefix: source and destination are the same slot".into());
+        }
+        let s = self.slots.remove(&src).ok_or_else(|| format!("no KV slot {src}"))?;
+        let r = (|| {
+            let d = self.slots.get_mut(&dst).ok_or_else(|| format!("no KV slot {dst}"))?;
+            if s.model != d.model {
+                return Err("copy_prefix: slots belong to different models".to_string());
+            }
+            let len = len as usize;
+            if len > s.len || len > d.n_ctx {
+                return Err(format!("copy_prefix: {len} entries do not fit (source has {}, destination holds {})", s.len, d.n_ctx));
+            }
+            let kv = s.k[0].len() / s.n_ctx;
+            for (dl, sl) in d.k.iter_mut().zip(&s.k).chain(d.v.iter_mut().zip(&s.v)) {
+                dl[..len * kv].copy_from_slice(&sl[..len * kv]);
+            }
+            d.len = len;
+            Ok(())
+        })();
+        self.slots.insert(src, s);
+        r
+    }
+
+    pub fn keep_entries(&mut self, id: u32, start: u32, keep: &[u32]) -> Result<(), String> {
+        let s = self.slots.get(&id).ok_or_else(|| format!("no KV slot {id}"))?;
+        let kv = self.model(s.model)?.kv_dim();
+        self.slot(id)?.keep_entries(kv, start as usize, keep)
+    }
+
+    pub fn forward(&mut self, slot: u32, batch: &Batch<'_>) -> Result<Vec<f32>, String> {
+        if batch.tokens.len() > MAX_WIDTH as usize {
+            return Err(format!("batch of {} tokens exceeds the maximum width {MAX_WIDTH}", batch.tokens.len()));
+        }
+        let s = self.slots.get_mut(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
+        let m = self.models.get(&s.model).ok_or_else(|| format!("slot {slot} refers to an unloaded model"))?;
+        forward::forward(&self.pool, self.isa, m, s, batch)
+    }
+
+    pub fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
+        let s = self.slots.get(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
+        Ok(self.model(s.model)?.hp.n_vocab)
+    }
+
+    pub fn stats_json(&self) -> String {
+        serde_json::json!({
+            "isa": self.isa.name(),
+            "threads": self.pool.threads(),
+            "models": self.models.len(),
+            "kv_bytes_reserved": self.slots.values().map(|s| s.bytes()).sum::<usize>(),
+        })
+        .to_string()
+    }
+}
+
+/// FFI adapter: every method runs inside [`guard`].
+pub struct FfiCpu(CpuBackend);
+
+impl BackendFfi for FfiCpu {
+    fn capabilities(&self) -> BackendCaps {
+        self.0.capabilities()
+    }
+    fn set_threads(&mut self, n: u32) -> RResult<(), RString> {
+        guard(|| {
+            self.0.set_threads(n);
+            Ok(())
+        })
+    }
+    fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString> {
+        guard(|| self.0.load_model(req.path.as_str()))
+    }
+    fn unload_model(&mut self, model: u64) -> RResult<(), RString> {
+        guard(|| self.0.unload_model(model))
+    }
+    fn create_slot(&mut self, model: u64, n_ctx: u32) -> RResult<u32, RString> {
+        guard(|| self.0.create_slot(model, n_ctx))
+    }
+    fn free_slot(&mut self, slot: u32) -> RResult<(), RString> {
+        guard(|| self.0.free_slot(slot))
+    }
+    fn slot_len(&self, slot: u32) -> RResult<u32, RString> {
+        guard(|| self.0.slot_len(slot))
+    }
+    fn truncate(&mut self, slot: u32, len: u32) -> RResult<(), RString> {
+        guard(|| self.0.truncate(slot, len))
+    }
+    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> RResult<(), RString> {
+        guard(|| self.0.copy_prefix(src, dst, len))
+    }
+    fn keep_entries(&mut self, slot: u32, start: u32, keep: RSlice<'_, u32>) -> RResult<(), RString> {
+        guard(|| self.0.keep_entries(slot, start, keep.as_slice()))
+    }
+    fn forward(&mut self, b: &ForwardBatch) -> RResult<ForwardOutput, RString> {
+        guard(|| {
+            let n_vocab = self.0.n_vocab_of_slot(b.slot)?;
+            let batch = Batch { tokens: &b.tokens, positions: &b.positions, mask: &b.mask, logit_rows: &b.logit_rows };
+            let logits = self.0.forward(b.slot, &batch)?;
+            Ok(ForwardOutput { n_vocab: n_vocab as u32, logits: RVec::from(logits) })
+        })
+    }
+    fn stats_json(&self) -> RString {
+        RString::from(self.0.stats_json())
+    }
+}
+
+extern "C" fn info() -> PluginInfo {
+    PluginInfo {
+        name: "cpu".into(),
+        kind: PluginKind::Backend,
+        interface_version: INTERFACE_VERSION,
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "CPU backend: GGUF/safetensors llama, qwen2, qwen3; scalar/AVX2/AVX-512/NEON".into(),
+    }
+}
+
+extern "C" fn create(options_json: RStr<'_>) -> RResult<BackendBox, RString> {
+    guard(|| {
+        let b = CpuBackend::from_options_json(options_json.as_str())?;
+        Ok(BackendFfi_TO::from_value(FfiCpu(b), TD_Opaque))
+    })
+}
+
+/// The plugin's root module.
+#[export_root_module]
+pub fn get_library() -> BackendModRef {
+    BackendMod { info, create }.leak_into_prefix()
+}
 

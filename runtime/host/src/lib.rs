@@ -1,1 +1,9 @@
+//! The CoordGen host runtime: plugin configuration and loading, tokenizers and chat
+//! templates, sampling, and the generation engine the `coordgen` binary drives.
 
+pub mod chat;
+pub mod config;
+pub mod engine;
+pub mod plugins;
+pub mod sampling;
+pub mod tokenizer;

@@ -1,1 +1,357 @@
-fn main(){}
+//! The `coordgen` command line: generate, chat, perplexity, plugins.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use coordgen::chat::Message;
+use coordgen::config::PluginsConfig;
+use coordgen::engine::{GenerateParams, Session};
+use coordgen::plugins;
+use coordgen::sampling::SamplingParams;
+
+#[derive(Parser)]
+#[command(name = "coordgen", version, about = "On-device LLM runtime with pluggable backends and drafters")]
+struct Cli {
+    /// Plugin configuration (default: $COORDGEN_CONFIG, ./plugins.toml, next to the binary).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a completion for a prompt.
+    Generate(GenerateArgs),
+    /// Interactive chat that keeps the conversation and its KV cache between turns.
+    Chat(ChatArgs),
+    /// Perplexity of a text file over non-overlapping windows.
+    Perplexity(PplArgs),
+    /// List the plugins of the configuration.
+    Plugins,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// GGUF file, Hugging Face directory, or a default model name (smollm2, qwen-0.5b, qwen-1.5b).
+    #[arg(long, short)]
+    model: String,
+    /// Backend plugin to run the model (default: target_backend of plugins.toml).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Threads the backend may use (0 = all cores).
+    #[arg(long, short = 't', default_value_t = 0)]
+    threads: u32,
+    /// KV context size (0 = the model's, capped at 8192).
+    #[arg(long, default_value_t = 0)]
+    ctx_size: usize,
+}
+
+#[derive(Args, Clone)]
+struct SampleArgs {
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temp: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// The prompt text.
+    #[arg(long, short, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long, short = 'f')]
+    prompt_file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Print one JSON object (text, token ids, timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    sample: SampleArgs,
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct PplArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file to score.
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// Window size in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[arg(long)]
+    json: bool,
+    /// Per window: each scored token's log-prob and the model's argmax.
+    #[arg(long)]
+    per_token: bool,
+}
+
+fn models_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("COORDGEN_MODELS") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from("models")
+}
+
+/// Resolves the default model names to files under the models directory.
+fn resolve_model(m: &str) -> PathBuf {
+    let file = match m {
+        "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "qwen-0.5b" => "qwen2.5-coder-0.5b-instruct.gguf",
+        "qwen-1.5b" => "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        _ => return PathBuf::from(m),
+    };
+    models_dir().join(file)
+}
+
+impl SampleArgs {
+    fn params(&self) -> Result<GenerateParams> {
+        if self.temp < 0.0 || !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) || self.repeat_penalty <= 0.0 {
+            bail!("invalid sampling options: need temp >= 0, 0 <= top-p <= 1, 0 <= min-p <= 1, repeat-penalty > 0");
+        }
+        Ok(GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temp,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                seed: self.seed,
+                ..Default::default()
+            },
+            stop: self.stop.clone(),
+            stop_at_eos: !self.ignore_eos,
+        })
+    }
+}
+
+fn open_session(config: &Option<PathBuf>, m: &ModelArgs) -> Result<Session> {
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    let name = m.backend.clone().unwrap_or_else(|| cfg.target_backend.clone());
+    let (mut backend, _) = plugins::load_backend(&cfg, &name)?;
+    if m.threads != 0 {
+        backend.set_threads(m.threads)?;
+    }
+    let path = resolve_model(&m.model);
+    if !path.exists() {
+        bail!("model {} not found (run scripts/fetch_models.sh for the default models)", path.display());
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    if std::io::stderr().is_terminal() {
+        pb.enable_steady_tick(std::time::Duration::from_millis(100));
+    } else {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb.set_message(format!("loading {}", path.display()));
+    let s = Session::open(backend, &path, m.ctx_size);
+    pb.finish_and_clear();
+    let s = s?;
+    tracing::info!(model = %path.display(), arch = %s.model.arch, "model loaded");
+    Ok(s)
+}
+
+fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
+    let text = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?,
+        (None, None) => bail!("give --prompt or --prompt-file"),
+    };
+    let params = a.sample.params()?;
+    let mut s = open_session(config, &a.model)?;
+    let prompt_text = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &text));
+        s.render_chat(&msgs, true)?
+    } else {
+        text
+    };
+    let prompt = s.tok.encode(&prompt_text, true)?;
+    let json = a.json;
+    let mut stdout = std::io::stdout();
+    let g = s.generate(&prompt, &params, &mut |piece| {
+        if !json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        let v = serde_json::json!({
+            "text": g.text,
+            "tokens": g.tokens,
+            "prompt_tokens": prompt.len(),
+            "finish_reason": g.finish_reason,
+            "timings": {
+                "prompt_tokens": g.timings.prompt_tokens,
+                "prefill_tokens": g.timings.prefill_tokens,
+                "prefill_ms": g.timings.prefill_ms,
+                "prefill_tps": g.timings.prefill_tps(),
+                "generated_tokens": g.timings.generated_tokens,
+                "decode_ms": g.timings.decode_ms,
+                "decode_tps": g.timings.decode_tps(),
+            },
+        });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!("{}", g.timings.summary());
+    }
+    Ok(())
+}
+
+fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
+    let params = a.sample.params()?;
+    let mut s = open_session(config, &a.model)?;
+    let mut msgs = Vec::new();
+    if let Some(sys) = &a.system {
+        msgs.push(Message::new("system", sys));
+    }
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    eprintln!("chat with {} ({}); /reset clears the conversation, /exit or Ctrl-D quits", a.model.model, s.model.arch);
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                msgs.retain(|m| m.role == "system");
+                s.reset()?;
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        msgs.push(Message::new("user", line));
+        let prompt = s.tok.encode(&s.render_chat(&msgs, true)?, true)?;
+        let mut stdout = std::io::stdout();
+        let g = match s.generate(&prompt, &params, &mut |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                msgs.pop();
+                eprintln!("error: {e:#}");
+                continue;
+            }
+        };
+        println!();
+        eprintln!("[{}]", g.timings.summary());
+        msgs.push(Message::new("assistant", &g.text));
+    }
+    Ok(())
+}
+
+fn cmd_perplexity(config: &Option<PathBuf>, a: PplArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file).with_context(|| format!("cannot read {}", a.file.display()))?;
+    let mut m = a.model.clone();
+    if m.ctx_size == 0 {
+        m.ctx_size = a.ctx;
+    }
+    let mut s = open_session(config, &m)?;
+    let tokens = s.tok.encode(&text, true)?;
+    let t0 = std::time::Instant::now();
+    let r = s.perplexity(&tokens, a.ctx, a.per_token)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["seconds"] = serde_json::json!(secs);
+        println!("{v}");
+    } else {
+        println!("perplexity {:.4} over {} scored tokens in {} windows of {} ({:.1} s)", r.ppl, r.n_scored, r.n_windows, a.ctx, secs);
+        if let Some(ws) = &r.windows {
+            for (i, w) in ws.iter().enumerate() {
+                println!("window {i}: logprob {:?}", w.logprob);
+                println!("window {i}: argmax {:?}", w.argmax);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_plugins(config: &Option<PathBuf>) -> Result<()> {
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    println!("config: {} (target backend: {})", cfg.source, cfg.target_backend);
+    println!("{:<12} {:<10} {:<10} {:<9} library", "name", "kind", "interface", "version");
+    let mut failed = false;
+    for r in plugins::describe_all(&cfg) {
+        match r {
+            Ok(i) => println!("{:<12} {:<10} {:<10} {:<9} {}", i.entry_name, i.kind, i.interface_version, i.version, i.path.display()),
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+            }
+        }
+    }
+    if failed {
+        bail!("some plugins could not be loaded");
+    }
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("COORDGEN_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(&cli.config, a),
+        Cmd::Chat(a) => cmd_chat(&cli.config, a),
+        Cmd::Perplexity(a) => cmd_perplexity(&cli.config, a),
+        Cmd::Plugins => cmd_plugins(&cli.config),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,171 @@
+//! KV slots and the transformer forward pass (llama / qwen2 / qwen3) over a batch of
+//! tokens with explicit positions and an attention mask.
+
+use crate::model::CpuModel;
+use crate::ops::{self, AttnShape};
+use crate::pool::ThreadPool;
+use crate::simd::Isa;
+
+/// One sequence's KV cache: preallocated, with a fill count, so rollback is lowering `len`.
+pub struct Slot {
+    pub model: u64,
+    pub n_ctx: usize,
+    pub len: usize,
+    /// Per layer, `n_ctx x kv_dim` (zero pages are only committed when written).
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl Slot {
+    pub fn new(model_id: u64, m: &CpuModel, n_ctx: usize) -> Self {
+        let kv = m.kv_dim();
+        Slot {
+            model: model_id,
+            n_ctx,
+            len: 0,
+            k: (0..m.hp.n_layer).map(|_| vec![0f32; n_ctx * kv]).collect(),
+            v: (0..m.hp.n_layer).map(|_| vec![0f32; n_ctx * kv]).collect(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+    }
+
+    /// Keeps entries `0..start`, then `start + keep[k]` moved to `start + k`.
+    pub fn keep_entries(&mut self, kv_dim: usize, start: usize, keep: &[u32]) -> Result<(), String> {
+        if start > self.len {
+            return Err(format!("keep_entries: start {start} beyond slot length {}", self.len));
+        }
+        let mut prev: Option<u32> = None;
+        for &k in keep {
+            if prev.is_some_and(|p| k <= p) {
+                return Err("keep_entries: indices must be strictly increasing".into());
+            }
+            if start + k as usize >= self.len {
+                return Err(format!("keep_entries: entry {} beyond slot length {}", start + k as usize, self.len));
+            }
+            prev = Some(k);
+        }
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            for (dst, &src) in keep.iter().enumerate() {
+                let (d, s) = (start + dst, start + src as usize);
+                if d != s {
+                    layer.copy_within(s * kv_dim..(s + 1) * kv_dim, d * kv_dim);
+                }
+            }
+        }
+        self.len = start + keep.len();
+        Ok(())
+    }
+}
+
+/// The inputs of one forward.
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    /// `W x W` row-major, empty = causal.
+    pub mask: &'a [u8],
+    pub logit_rows: &'a [u32],
+}
+
+/// Runs the model over the batch, appending its KV entries to the slot; returns the logits
+/// of the requested rows (`rows x n_vocab`).
+pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &Batch<'_>) -> Result<Vec<f32>, String> {
+    let hp = &m.hp;
+    let w = b.tokens.len();
+    if w == 0 {
+        return Err("forward: empty batch".into());
+    }
+    if b.positions.len() != w {
+        return Err(format!("forward: {} positions for {w} tokens", b.positions.len()));
+    }
+    if !b.mask.is_empty() && b.mask.len() != w * w {
+        return Err(format!("forward: mask has {} entries, expected {}", b.mask.len(), w * w));
+    }
+    if let Some(&r) = b.logit_rows.iter().find(|&&r| r as usize >= w) {
+        return Err(format!("forward: logit row {r} outside a batch of {w}"));
+    }
+    if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+        return Err(format!("forward: token id {t} outside the vocabulary of {}", hp.n_vocab));
+    }
+    let start = slot.len;
+    if start + w > slot.n_ctx {
+        return Err(format!(
+            "context is full: {start} cached + {w} new tokens exceed the slot's {} entries",
+            slot.n_ctx
+        ));
+    }
+    let (e, hd) = (hp.n_embd, hp.head_dim);
+    let q_dim = hp.n_head * hd;
+    let kv_dim = m.kv_dim();
+
+    let mut x = vec![0f32; w * e];
+    for (t, &tok) in b.tokens.iter().enumerate() {
+        ops::get_row(&m.tok_embd, tok as usize, &mut x[t * e..(t + 1) * e]);
+    }
+    let mut xn = vec![0f32; w * e];
+    let mut q = vec![0f32; w * q_dim];
+    let mut k = vec![0f32; w * kv_dim];
+    let mut v = vec![0f32; w * kv_dim];
+    let mut attn = vec![0f32; w * q_dim];
+    let mut proj = vec![0f32; w * e];
+    let mut gate = vec![0f32; w * hp.n_ff];
+    let mut up = vec![0f32; w * hp.n_ff];
+
+    let mask = b.mask;
+    let visible = move |t: usize, j: usize| if mask.is_empty() { j <= t } else { mask[t * w + j] != 0 };
+    let shape = AttnShape { n_tok: w, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start };
+
+    for (li, l) in m.layers.iter().enumerate() {
+        ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
+        ops::matmul(pool, isa, &l.wq, &xn, w, &mut q);
+        ops::matmul(pool, isa, &l.wk, &xn, w, &mut k);
+        ops::matmul(pool, isa, &l.wv, &xn, w, &mut v);
+        for (buf, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
+            if let Some(bias) = bias {
+                for row in buf.chunks_exact_mut(bias.len()) {
+                    row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        if let Some(g) = &l.q_norm {
+            ops::rms_norm_heads(&mut q, g, hp.rms_eps);
+        }
+        if let Some(g) = &l.k_norm {
+            ops::rms_norm_heads(&mut k, g, hp.rms_eps);
+        }
+        for t in 0..w {
+            let pos = b.positions[t];
+            ops::rope(&mut q[t * q_dim..(t + 1) * q_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
+            ops::rope(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
+        }
+        slot.k[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&k);
+        slot.v[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&v);
+        ops::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
+        ops::matmul(pool, isa, &l.wo, &attn, w, &mut proj);
+        x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+
+        ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
+        ops::matmul(pool, isa, &l.w_gate, &xn, w, &mut gate);
+        ops::matmul(pool, isa, &l.w_up, &xn, w, &mut up);
+        ops::swiglu(&mut gate, &up);
+        ops::matmul(pool, isa, &l.w_down, &gate, w, &mut proj);
+        x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
+    }
+    slot.len = start + w;
+
+    let nr = b.logit_rows.len();
+    if nr == 0 {
+        return Ok(Vec::new());
+    }
+    let mut sel = vec![0f32; nr * e];
+    for (i, &r) in b.logit_rows.iter().enumerate() {
+        sel[i * e..(i + 1) * e].copy_from_slice(&x[r as usize * e..(r as usize + 1) * e]);
+    }
+    let mut seln = vec![0f32; nr * e];
+    ops::rms_norm(&sel, &m.out_norm, hp.rms_eps, &mut seln);
+    let mut logits = vec![0f32; nr * hp.n_vocab];
+    ops::matmul(pool, isa, &m.output, &seln, nr, &mut logits);
+    Ok(logits)
+}

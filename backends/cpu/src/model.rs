@@ -1,0 +1,154 @@
+//! A loaded model: hyper-parameters plus borrowed views of every weight in the memory-mapped
+//! file (no copies; small norm and bias vectors are dequantized to f32 at load).
+
+use coordgen_model::quant::GgmlType;
+use coordgen_model::{Arch, HParams, ModelFile, TensorRef};
+
+/// A weight matrix of `rows x cols` in its file type, borrowed from the map.
+pub struct Matrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the bytes live in a read-only memory map owned by `CpuModel::file`, which outlives
+// every `Matrix` (both are fields of `CpuModel`, and the map never moves).
+unsafe impl Send for Matrix {}
+unsafe impl Sync for Matrix {}
+
+impl Matrix {
+    fn from_tensor(t: &TensorRef<'_>, rows: usize, cols: usize) -> Result<Self, String> {
+        if t.dims.len() != 2 || t.dims[0] as usize != cols || t.dims[1] as usize != rows {
+            return Err(format!("tensor {} has shape {:?}, expected [{cols}, {rows}]", t.name, t.dims));
+        }
+        Ok(Matrix { ty: t.ty, rows, cols, ptr: t.data.as_ptr(), len: t.data.len() })
+    }
+    pub fn data(&self) -> &[u8] {
+        // SAFETY: see the `Send`/`Sync` impls.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.ty.row_bytes(self.cols)
+    }
+    pub fn bytes(&self) -> usize {
+        self.len
+    }
+}
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Matrix,
+    pub w_up: Matrix,
+    pub w_down: Matrix,
+}
+
+pub struct CpuModel {
+    pub hp: HParams,
+    pub tok_embd: Matrix,
+    pub layers: Vec<Layer>,
+    pub out_norm: Vec<f32>,
+    pub output: Matrix,
+    /// Inverse frequencies of the rotary embedding, `head_dim / 2`.
+    pub rope_inv_freq: Vec<f32>,
+    pub weight_bytes: u64,
+    // Keeps the map alive; declared last so the views above drop first.
+    _file: ModelFile,
+}
+
+fn vector(f: &ModelFile, name: &str, len: usize) -> Result<Vec<f32>, String> {
+    let t = f.require(name).map_err(|e| e.to_string())?;
+    if t.n_elements() != len {
+        return Err(format!("tensor {name} has {} elements, expected {len}", t.n_elements()));
+    }
+    Ok(t.to_f32())
+}
+
+fn opt_vector(f: &ModelFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, String> {
+    if f.tensor(name).is_some() {
+        vector(f, name, len).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn matrix(f: &ModelFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, String> {
+    let t = f.require(name).map_err(|e| e.to_string())?;
+    Matrix::from_tensor(&t, rows, cols)
+}
+
+impl CpuModel {
+    pub fn load(path: &str) -> Result<Self, String> {
+        let file = ModelFile::open(path).map_err(|e| e.to_string())?;
+        let hp = file.hparams().map_err(|e| e.to_string())?;
+        let (e, hd) = (hp.n_embd, hp.head_dim);
+        let q_dim = hp.n_head * hd;
+        let kv_dim = hp.n_head_kv * hd;
+        let tok_embd = matrix(&file, "token_embd.weight", hp.n_vocab, e)?;
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let (q_norm, k_norm) = if hp.arch == Arch::Qwen3 {
+                (Some(vector(&file, &n("attn_q_norm.weight"), hd)?), Some(vector(&file, &n("attn_k_norm.weight"), hd)?))
+            } else {
+                (opt_vector(&file, &n("attn_q_norm.weight"), hd)?, opt_vector(&file, &n("attn_k_norm.weight"), hd)?)
+            };
+            layers.push(Layer {
+                attn_norm: vector(&file, &n("attn_norm.weight"), e)?,
+                wq: matrix(&file, &n("attn_q.weight"), q_dim, e)?,
+                wk: matrix(&file, &n("attn_k.weight"), kv_dim, e)?,
+                wv: matrix(&file, &n("attn_v.weight"), kv_dim, e)?,
+                bq: opt_vector(&file, &n("attn_q.bias"), q_dim)?,
+                bk: opt_vector(&file, &n("attn_k.bias"), kv_dim)?,
+                bv: opt_vector(&file, &n("attn_v.bias"), kv_dim)?,
+                q_norm,
+                k_norm,
+                wo: matrix(&file, &n("attn_output.weight"), e, q_dim)?,
+                ffn_norm: vector(&file, &n("ffn_norm.weight"), e)?,
+                w_gate: matrix(&file, &n("ffn_gate.weight"), hp.n_ff, e)?,
+                w_up: matrix(&file, &n("ffn_up.weight"), hp.n_ff, e)?,
+                w_down: matrix(&file, &n("ffn_down.weight"), e, hp.n_ff)?,
+            });
+        }
+        if hp.arch == Arch::Qwen2 && layers.iter().any(|l| l.bq.is_none()) {
+            return Err("qwen2 model is missing the attention QKV biases".into());
+        }
+        let out_norm = vector(&file, "output_norm.weight", e)?;
+        // Tied embeddings: no output matrix means the embedding table doubles as it.
+        let output = if file.tensor("output.weight").is_some() {
+            matrix(&file, "output.weight", hp.n_vocab, e)?
+        } else {
+            matrix(&file, "token_embd.weight", hp.n_vocab, e)?
+        };
+        let half = hd / 2;
+        let rope_inv_freq = (0..half)
+            .map(|i| {
+                let f = 1.0 / (hp.rope_theta as f64).powf(2.0 * i as f64 / hd as f64);
+                let factor = hp.rope_freq_factors.as_ref().and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
+                (f / factor) as f32
+            })
+            .collect();
+        let mut weight_bytes = output.bytes() as u64;
+        for l in &layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                weight_bytes += m.bytes() as u64;
+            }
+        }
+        Ok(CpuModel { hp, tok_embd, layers, out_norm, output, rope_inv_freq, weight_bytes, _file: file })
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.hp.n_head_kv * self.hp.head_dim
+    }
+}

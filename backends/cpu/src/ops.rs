@@ -1,0 +1,182 @@
+//! Compute kernels of the forward pass: quantized matrix x activations, RMS norm, rotary
+//! embedding, masked attention over a KV slot, SwiGLU.
+//!
+//! Batch invariance is a design rule here: every output element of a token row is computed
+//! by the same sequence of floating-point operations whatever the batch width, the tiling
+//! or the thread split (work is split over independent outputs, never over a reduction).
+
+use coordgen_model::quant::dequantize_row;
+
+use crate::model::Matrix;
+use crate::pool::{split_range, ThreadPool};
+use crate::simd::{self, Isa};
+
+/// Token rows per tile: a tile of activations stays in L2 while a weight row is reused.
+const TOKEN_TILE: usize = 32;
+
+/// A raw pointer that may be shared across the pool's threads; each thread writes disjoint
+/// elements.
+#[derive(Clone, Copy)]
+pub struct SharedMut(pub *mut f32);
+// SAFETY: users guarantee disjoint writes per thread and that the buffer outlives the region.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `out[t, r] = sum_k W[r, k] * x[t, k]` for `w` rows `r`, `x` of `n_tok x cols`,
+/// `out` of `n_tok x rows`.
+pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
+    let (rows, cols) = (w.rows, w.cols);
+    assert_eq!(x.len(), n_tok * cols);
+    assert_eq!(out.len(), n_tok * rows);
+    let data = w.data();
+    let rb = w.row_bytes();
+    let outp = SharedMut(out.as_mut_ptr());
+    let nt = pool.threads();
+    pool.run(&|ti| {
+        let range = split_range(rows, nt, ti);
+        if range.is_empty() {
+            return;
+        }
+        let mut buf = vec![0f32; cols];
+        let o = outp;
+        for t0 in (0..n_tok).step_by(TOKEN_TILE) {
+            let t1 = (t0 + TOKEN_TILE).min(n_tok);
+            for r in range.clone() {
+                dequantize_row(w.ty, &data[r * rb..(r + 1) * rb], &mut buf);
+                for t in t0..t1 {
+                    let v = simd::dot(isa, &buf, &x[t * cols..(t + 1) * cols]);
+                    // SAFETY: row r belongs to this thread only; index in bounds by the asserts.
+                    unsafe { *o.0.add(t * rows + r) = v };
+                }
+            }
+        }
+    });
+}
+
+/// Dequantizes row `r` of `w` (embedding lookup).
+pub fn get_row(w: &Matrix, r: usize, out: &mut [f32]) {
+    let rb = w.row_bytes();
+    dequantize_row(w.ty, &w.data()[r * rb..(r + 1) * rb], out);
+}
+
+/// `out = x / rms(x) * g` per row of length `g.len()`.
+pub fn rms_norm(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
+    let n = g.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let mut ss = 0f32;
+        for v in xr {
+            ss += v * v;
+        }
+        let scale = 1.0 / (ss / n as f32 + eps).sqrt();
+        for i in 0..n {
+            or[i] = xr[i] * scale * g[i];
+        }
+    }
+}
+
+/// In-place RMS norm of each `g.len()`-sized head vector (qwen3 QK-norm).
+pub fn rms_norm_heads(x: &mut [f32], g: &[f32], eps: f32) {
+    let n = g.len();
+    for h in x.chunks_exact_mut(n) {
+        let mut ss = 0f32;
+        for v in h.iter() {
+            ss += v * v;
+        }
+        let scale = 1.0 / (ss / n as f32 + eps).sqrt();
+        for i in 0..n {
+            h[i] = h[i] * scale * g[i];
+        }
+    }
+}
+
+/// Rotary embedding of every head of one token row at position `pos`.
+pub fn rope(row: &mut [f32], head_dim: usize, pos: u32, inv_freq: &[f32], neox: bool) {
+    let half = head_dim / 2;
+    for head in row.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let theta = pos as f32 * inv_freq[i];
+            let (s, c) = theta.sin_cos();
+            let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+}
+
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + (-*g).exp());
+        *g = s * u;
+    }
+}
+
+/// Geometry of one attention call.
+pub struct AttnShape {
+    pub n_tok: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// Cache entries before the batch (always visible).
+    pub start: usize,
+}
+
+/// Masked multi-head attention. `q` is `n_tok x (n_head*head_dim)`; `k_cache`/`v_cache`
+/// hold at least `start + n_tok` rows of `n_head_kv*head_dim`, batch rows included.
+/// `visible(t, j)` says whether batch token `t` sees batch token `j`.
+pub fn attention(
+    pool: &ThreadPool,
+    isa: Isa,
+    s: &AttnShape,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    visible: &(dyn Fn(usize, usize) -> bool + Sync),
+    out: &mut [f32],
+) {
+    let hd = s.head_dim;
+    let kv_dim = s.n_head_kv * hd;
+    let q_dim = s.n_head * hd;
+    let group = s.n_head / s.n_head_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let items = s.n_tok * s.n_head;
+    let outp = SharedMut(out.as_mut_ptr());
+    let nt = pool.threads();
+    pool.run(&|ti| {
+        let o = outp;
+        let mut idx: Vec<usize> = Vec::with_capacity(s.start + s.n_tok);
+        let mut scores: Vec<f32> = Vec::with_capacity(s.start + s.n_tok);
+        let mut acc = vec![0f32; hd];
+        for item in split_range(items, nt, ti) {
+            let (t, h) = (item / s.n_head, item % s.n_head);
+            let kvh = h / group;
+            let qv = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+            idx.clear();
+            idx.extend(0..s.start);
+            idx.extend((0..s.n_tok).filter(|&j| visible(t, j)).map(|j| s.start + j));
+            scores.clear();
+            let mut mx = f32::NEG_INFINITY;
+            for &e in &idx {
+                let kv = &k_cache[e * kv_dim + kvh * hd..e * kv_dim + (kvh + 1) * hd];
+                let sc = simd::dot(isa, qv, kv) * scale;
+                mx = mx.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - mx).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            for (&e, &p) in idx.iter().zip(&scores) {
+                let vv = &v_cache[e * kv_dim + kvh * hd..e * kv_dim + (kvh + 1) * hd];
+                simd::axpy(isa, p * inv, vv, &mut acc);
+            }
+            // SAFETY: each (t, h) output slice is written by exactly one thread.
+            unsafe {
+                std::ptr::copy_nonoverlapping(acc.as_ptr(), o.0.add(t * q_dim + h * hd), hd);
+            }
+        }
+    });
+}

@@ -1,0 +1,42 @@
+//! Chat templates: renders the model's `tokenizer.chat_template` (Jinja) with minijinja,
+//! with Python-compatible string methods and the model's special tokens in scope.
+
+use anyhow::{anyhow, Result};
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message { role: role.to_string(), content: content.to_string() }
+    }
+}
+
+fn raise_exception(msg: String) -> std::result::Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// Renders `template` over `messages`; `add_generation_prompt` opens the assistant turn.
+pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+    let mut env = Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    minijinja_contrib::add_to_environment(&mut env);
+    env.add_function("raise_exception", raise_exception);
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.add_template("chat", template).map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
+    let tmpl = env.get_template("chat")?;
+    tmpl.render(context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos,
+        eos_token => eos,
+        tools => minijinja::Value::UNDEFINED,
+    })
+    .map_err(|e| anyhow!("rendering the chat template failed: {e}"))
+}

@@ -1,0 +1,286 @@
+//! Plain generation on a backend: a loaded model with its tokenizer and one KV slot,
+//! chunked prefill that reuses the cached prefix (so a chat keeps its cache between turns),
+//! a decode loop with sampling, stop conditions and streaming, and perplexity scoring.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use coordgen_model::ModelFile;
+use serde::Serialize;
+
+use crate::plugins::{Backend, Forward, ModelInfo};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tok;
+
+/// Tokens per prefill forward.
+pub const DEFAULT_PREFILL_CHUNK: usize = 128;
+
+pub struct Session {
+    pub backend: Box<dyn Backend>,
+    pub model: ModelInfo,
+    pub tok: Tok,
+    pub slot: u32,
+    pub n_ctx: usize,
+    /// Tokens whose KV entries are in the slot, in order.
+    pub cached: Vec<u32>,
+    pub prefill_chunk: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest came from the cache).
+    pub prefill_tokens: usize,
+    pub prefill_ms: f64,
+    pub generated_tokens: usize,
+    pub decode_ms: f64,
+}
+
+impl Timings {
+    pub fn prefill_tps(&self) -> f64 {
+        if self.prefill_ms > 0.0 {
+            self.prefill_tokens as f64 / (self.prefill_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+    pub fn decode_tps(&self) -> f64 {
+        if self.decode_ms > 0.0 {
+            self.generated_tokens as f64 / (self.decode_ms / 1000.0)
+        } else {
+            0.0
+        }
+    }
+    pub fn summary(&self) -> String {
+        format!(
+            "prompt {} tokens ({} computed, {:.1} tok/s) | generated {} tokens, {:.2} tok/s",
+            self.prompt_tokens,
+            self.prefill_tokens,
+            self.prefill_tps(),
+            self.generated_tokens,
+            self.decode_tps()
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Stop at the model's end-of-sequence tokens.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), stop_at_eos: true }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub finish_reason: String,
+    pub timings: Timings,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Perplexity {
+    pub ppl: f64,
+    pub n_scored: usize,
+    pub n_windows: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<WindowScores>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct WindowScores {
+    pub logprob: Vec<f32>,
+    pub argmax: Vec<u32>,
+}
+
+/// Log-softmax value of `target` in `logits` (computed in f64).
+pub fn log_prob(logits: &[f32], target: u32) -> f64 {
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - mx).exp()).sum();
+    logits[target as usize] as f64 - mx - sum.ln()
+}
+
+impl Session {
+    /// Loads `model_path` on `backend` with a KV slot of `n_ctx` entries (0 = the model's
+    /// training context, capped at 8192).
+    pub fn open(mut backend: Box<dyn Backend>, model_path: &Path, n_ctx: usize) -> Result<Session> {
+        let file = ModelFile::open(model_path).with_context(|| format!("cannot load model {}", model_path.display()))?;
+        let tok = Tok::for_model(model_path, &file)?;
+        drop(file);
+        let model = backend.load_model(model_path)?;
+        if tok.vocab_size() > model.n_vocab {
+            bail!("tokenizer has {} tokens but the model's output has only {}", tok.vocab_size(), model.n_vocab);
+        }
+        let n_ctx = if n_ctx == 0 { model.n_ctx_train.min(8192) } else { n_ctx };
+        let slot = backend.create_slot(model.handle, n_ctx as u32)?;
+        Ok(Session { backend, model, tok, slot, n_ctx, cached: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK })
+    }
+
+    /// Drops the cache.
+    pub fn reset(&mut self) -> Result<()> {
+        self.backend.truncate(self.slot, 0)?;
+        self.cached.clear();
+        Ok(())
+    }
+
+    /// Runs `tokens` appended after the cache; returns logits of the last row.
+    fn feed(&mut self, tokens: &[u32], want_last: bool) -> Result<Vec<f32>> {
+        let mut last = Vec::new();
+        for (ci, chunk) in tokens.chunks(self.prefill_chunk.max(1)).enumerate() {
+            let start = self.cached.len() as u32;
+            let positions: Vec<u32> = (start..start + chunk.len() as u32).collect();
+            let is_last = (ci + 1) * self.prefill_chunk.max(1) >= tokens.len();
+            let rows: Vec<u32> = if is_last && want_last { vec![chunk.len() as u32 - 1] } else { vec![] };
+            let _span = tracing::debug_span!("forward", width = chunk.len(), start).entered();
+            let out = self.backend.forward(&Forward { slot: self.slot, tokens: chunk, positions: &positions, mask: &[], logit_rows: &rows })?;
+            self.cached.extend_from_slice(chunk);
+            if !rows.is_empty() {
+                last = out;
+            }
+        }
+        Ok(last)
+    }
+
+    /// Makes the cache hold exactly `prompt`, reusing the longest cached prefix, and returns
+    /// the logits after its last token and the number of tokens computed.
+    pub fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if prompt.len() >= self.n_ctx {
+            bail!("the prompt has {} tokens, but the context holds {} (use --ctx to enlarge it)", prompt.len(), self.n_ctx);
+        }
+        let mut common = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // At least the last prompt token is recomputed so we get its logits.
+        common = common.min(prompt.len() - 1);
+        self.backend.truncate(self.slot, common as u32)?;
+        self.cached.truncate(common);
+        let logits = self.feed(&prompt[common..], true)?;
+        Ok((logits, prompt.len() - common))
+    }
+
+    /// Generates after `prompt`, calling `on_text` with each new piece of text.
+    pub fn generate(&mut self, prompt: &[u32], p: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        let _span = tracing::info_span!("generate", prompt_tokens = prompt.len()).entered();
+        let t0 = Instant::now();
+        let (mut logits, computed) = {
+            let _s = tracing::info_span!("prefill").entered();
+            self.prefill(prompt)?
+        };
+        let mut timings = Timings { prompt_tokens: prompt.len(), prefill_tokens: computed, prefill_ms: t0.elapsed().as_secs_f64() * 1e3, ..Default::default() };
+        let mut sampler = Sampler::new(p.sampling.clone());
+        let mut out: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut emitted = 0usize; // bytes of `text` already streamed
+        let max_stop = p.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let t1 = Instant::now();
+        let mut finish = "length";
+        let _s = tracing::info_span!("decode").entered();
+        while out.len() < p.max_tokens {
+            let history: Vec<u32> = self.cached.clone();
+            let next = sampler.sample(&logits, &history);
+            if p.stop_at_eos && self.tok.is_eos(next) {
+                finish = "stop";
+                break;
+            }
+            out.push(next);
+            text = self.tok.decode(&out)?;
+            if let Some(pos) = p.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(pos);
+                if text.len() > emitted {
+                    on_text(&text[emitted..]);
+                }
+                emitted = text.len();
+                finish = "stop";
+                break;
+            }
+            // Hold back text that could still become a stop string, and incomplete UTF-8
+            // (shown as U+FFFD by the decoder until the rest of the character arrives).
+            let mut safe = text.len().saturating_sub(max_stop.saturating_sub(1));
+            while safe > emitted && !text.is_char_boundary(safe) {
+                safe -= 1;
+            }
+            if !text.ends_with('\u{FFFD}') && safe > emitted {
+                on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
+            if out.len() >= p.max_tokens {
+                break;
+            }
+            if self.cached.len() + 1 >= self.n_ctx {
+                finish = "context_full";
+                break;
+            }
+            logits = self.feed(&[next], true)?;
+        }
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        timings.generated_tokens = out.len();
+        timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        Ok(Generation { text, tokens: out, finish_reason: finish.to_string(), timings })
+    }
+
+    /// Perplexity over non-overlapping windows of `ctx` tokens; every token of a window but
+    /// its first is scored from the logits of the position before it.
+    pub fn perplexity(&mut self, tokens: &[u32], ctx: usize, per_token: bool) -> Result<Perplexity> {
+        if ctx < 2 {
+            bail!("--ctx must be at least 2");
+        }
+        if ctx > self.n_ctx {
+            bail!("--ctx {ctx} exceeds the KV slot of {} entries", self.n_ctx);
+        }
+        let n_windows = tokens.len() / ctx;
+        if n_windows == 0 {
+            bail!("the file has {} tokens, fewer than one window of {ctx}", tokens.len());
+        }
+        let mut nll = 0f64;
+        let mut n_scored = 0usize;
+        let mut windows = Vec::new();
+        for w in 0..n_windows {
+            let win = &tokens[w * ctx..(w + 1) * ctx];
+            self.reset()?;
+            let mut ws = WindowScores { logprob: Vec::new(), argmax: Vec::new() };
+            for (ci, chunk) in win.chunks(self.prefill_chunk).enumerate() {
+                let base = ci * self.prefill_chunk;
+                let positions: Vec<u32> = (base as u32..(base + chunk.len()) as u32).collect();
+                let rows: Vec<u32> = (0..chunk.len() as u32).collect();
+                let logits = self.backend.forward(&Forward { slot: self.slot, tokens: chunk, positions: &positions, mask: &[], logit_rows: &rows })?;
+                self.cached.extend_from_slice(chunk);
+                let nv = self.model.n_vocab;
+                for r in 0..chunk.len() {
+                    let i = base + r;
+                    if i + 1 >= win.len() {
+                        break;
+                    }
+                    let row = &logits[r * nv..(r + 1) * nv];
+                    let lp = log_prob(row, win[i + 1]);
+                    nll -= lp;
+                    n_scored += 1;
+                    if per_token {
+                        ws.logprob.push(lp as f32);
+                        ws.argmax.push(crate::sampling::argmax(row));
+                    }
+                }
+            }
+            if per_token {
+                windows.push(ws);
+            }
+        }
+        Ok(Perplexity { ppl: (nll / n_scored as f64).exp(), n_scored, n_windows, windows: per_token.then_some(windows) })
+    }
+
+    pub fn render_chat(&self, messages: &[crate::chat::Message], add_generation_prompt: bool) -> Result<String> {
+        let t = self.tok.chat_template.as_deref().ok_or_else(|| anyhow!("the model has no chat template"))?;
+        crate::chat::render(t, messages, add_generation_prompt, &self.tok.bos_text, &self.tok.eos_text)
+    }
+}

@@ -1,0 +1,314 @@
+//! Plugin loading (abi_stable's loader on top of libloading) and the host-side adapters that
+//! turn foreign plugin objects into native Rust traits, so FFI types stay in this module.
+
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibHeader};
+use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use coordgen_interface::{
+    BackendBox, BackendModRef, DraftBudget, DraftFeedback, DrafterBox, DrafterModRef, ForwardBatch, LoadRequest, PluginInfo,
+    SchedulerModRef, INTERFACE_VERSION,
+};
+
+use crate::config::{resolve_library, PluginEntry, PluginsConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin '{plugin}': {message}")]
+    Load { plugin: String, message: String },
+    #[error("{plugin}: {message}")]
+    Call { plugin: String, message: String },
+}
+
+pub type PResult<T> = Result<T, PluginError>;
+
+/// What a backend reports about itself (native mirror of the FFI struct).
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    pub weight_types: Vec<String>,
+    pub kv_types: Vec<String>,
+    pub widths: Vec<u32>,
+    pub max_width: u32,
+    pub max_context: u32,
+    pub width_switch_cost_us: u64,
+    pub batch_invariant: bool,
+    pub threads: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub handle: u64,
+    pub arch: String,
+    pub n_vocab: usize,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ctx_train: usize,
+    pub weight_bytes: u64,
+    pub extra_bytes: u64,
+}
+
+/// One forward request (see the interface crate for the mask and slot semantics).
+pub struct Forward<'a> {
+    pub slot: u32,
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    pub mask: &'a [u8],
+    pub logit_rows: &'a [u32],
+}
+
+/// The native backend trait the engine uses.
+pub trait Backend: Send {
+    fn name(&self) -> &str;
+    fn capabilities(&self) -> Capabilities;
+    fn set_threads(&mut self, n: u32) -> PResult<()>;
+    fn load_model(&mut self, path: &Path) -> PResult<ModelInfo>;
+    fn unload_model(&mut self, model: u64) -> PResult<()>;
+    fn create_slot(&mut self, model: u64, n_ctx: u32) -> PResult<u32>;
+    fn free_slot(&mut self, slot: u32) -> PResult<()>;
+    fn slot_len(&self, slot: u32) -> PResult<u32>;
+    fn truncate(&mut self, slot: u32, len: u32) -> PResult<()>;
+    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> PResult<()>;
+    fn keep_entries(&mut self, slot: u32, start: u32, keep: &[u32]) -> PResult<()>;
+    /// Returns `logit_rows.len() x n_vocab` logits.
+    fn forward(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>>;
+    fn stats_json(&self) -> String;
+}
+
+/// The native drafter trait (no drafter plugin ships yet; the speculative engine uses it).
+pub trait Drafter: Send {
+    fn name(&self) -> &str;
+    fn begin(&mut self, prompt: &[u32]) -> PResult<()>;
+    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<(Vec<u32>, Vec<i32>)>;
+    fn observe(&mut self, accepted: &[u32], n_accepted_draft: u32, n_drafted: u32) -> PResult<()>;
+    fn finish(&mut self) -> PResult<()>;
+}
+
+/// A loaded library, as `coordgen plugins` lists it.
+#[derive(Clone, Debug)]
+pub struct LoadedInfo {
+    pub entry_name: String,
+    pub info_name: String,
+    pub kind: String,
+    pub interface_version: u32,
+    pub version: String,
+    pub description: String,
+    pub path: PathBuf,
+}
+
+fn load_err(plugin: &str, message: impl Into<String>) -> PluginError {
+    PluginError::Load { plugin: plugin.to_string(), message: message.into() }
+}
+
+fn options_json(entry: &PluginEntry) -> String {
+    serde_json::to_string(&entry.options).unwrap_or_else(|_| "{}".into())
+}
+
+/// Opens the library and checks that it holds a root module of the expected kind.
+fn open_header(entry: &PluginEntry, path: &Path, expected_root: &str) -> PResult<&'static LibHeader> {
+    let header = lib_header_from_path(path).map_err(|e| load_err(&entry.name, format!("cannot load {}: {e}", path.display())))?;
+    let root = header.root_mod_consts().name();
+    if root.as_str() != expected_root {
+        let kind = root.as_str().strip_prefix("coordgen_").unwrap_or(root.as_str());
+        return Err(load_err(&entry.name, format!("{} holds a '{kind}' plugin, but plugins.toml declares kind '{}'", path.display(), entry.kind)));
+    }
+    Ok(header)
+}
+
+fn check_info(entry: &PluginEntry, path: &Path, info: &PluginInfo) -> PResult<LoadedInfo> {
+    if info.interface_version != INTERFACE_VERSION {
+        return Err(load_err(
+            &entry.name,
+            format!(
+                "{} was built against plugin interface version {}, but this coordgen speaks version {INTERFACE_VERSION}; rebuild the plugin",
+                path.display(),
+                info.interface_version
+            ),
+        ));
+    }
+    Ok(LoadedInfo {
+        entry_name: entry.name.clone(),
+        info_name: info.name.to_string(),
+        kind: info.kind.as_str().to_string(),
+        interface_version: info.interface_version,
+        version: info.version.to_string(),
+        description: info.description.to_string(),
+        path: path.to_path_buf(),
+    })
+}
+
+fn version_msg(e: impl std::fmt::Display) -> String {
+    format!("incompatible plugin (built against another interface version or layout): {e}")
+}
+
+/// Loads a backend plugin named in the config.
+pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend>, LoadedInfo)> {
+    let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {}", cfg.source)))?;
+    if entry.kind != "backend" {
+        return Err(load_err(name, format!("is a {} plugin, not a backend", entry.kind)));
+    }
+    let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(name, e.to_string()))?;
+    let header = open_header(entry, &path, "coordgen_backend")?;
+    let module = header.init_root_module::<BackendModRef>().map_err(|e| load_err(name, version_msg(e)))?;
+    let info = check_info(entry, &path, &(module.info())())?;
+    let obj = (module.create())(RStr::from(options_json(entry).as_str()))
+        .into_result()
+        .map_err(|e| load_err(name, format!("could not start: {e}")))?;
+    Ok((Box::new(ForeignBackend { name: entry.name.clone(), obj }), info))
+}
+
+/// Loads a drafter plugin named in the config.
+pub fn load_drafter(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Drafter>, LoadedInfo)> {
+    let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {}", cfg.source)))?;
+    let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(name, e.to_string()))?;
+    let header = open_header(entry, &path, "coordgen_drafter")?;
+    let module = header.init_root_module::<DrafterModRef>().map_err(|e| load_err(name, version_msg(e)))?;
+    let info = check_info(entry, &path, &(module.info())())?;
+    let obj = (module.create())(RStr::from(options_json(entry).as_str()))
+        .into_result()
+        .map_err(|e| load_err(name, format!("could not start: {e}")))?;
+    Ok((Box::new(ForeignDrafter { name: entry.name.clone(), obj }), info))
+}
+
+/// Loads every plugin of the config and reports what each is (for `coordgen plugins`).
+pub fn describe_all(cfg: &PluginsConfig) -> Vec<Result<LoadedInfo, PluginError>> {
+    cfg.plugins
+        .iter()
+        .map(|entry| {
+            let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(&entry.name, e.to_string()))?;
+            let root = format!("coordgen_{}", entry.kind);
+            let header = open_header(entry, &path, &root)?;
+            let info = match entry.kind.as_str() {
+                "backend" => (header.init_root_module::<BackendModRef>().map_err(|e| load_err(&entry.name, version_msg(e)))?.info())(),
+                "drafter" => (header.init_root_module::<DrafterModRef>().map_err(|e| load_err(&entry.name, version_msg(e)))?.info())(),
+                _ => (header.init_root_module::<SchedulerModRef>().map_err(|e| load_err(&entry.name, version_msg(e)))?.info())(),
+            };
+            check_info(entry, &path, &info)
+        })
+        .collect()
+}
+
+struct ForeignBackend {
+    name: String,
+    obj: BackendBox,
+}
+
+impl ForeignBackend {
+    fn call<T>(&self, r: RResult<T, RString>) -> PResult<T> {
+        r.into_result().map_err(|e| PluginError::Call { plugin: self.name.clone(), message: e.into_string() })
+    }
+}
+
+impl Backend for ForeignBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn capabilities(&self) -> Capabilities {
+        let c = self.obj.capabilities();
+        Capabilities {
+            weight_types: c.weight_types.iter().map(|s| s.to_string()).collect(),
+            kv_types: c.kv_types.iter().map(|s| s.to_string()).collect(),
+            widths: c.widths.to_vec(),
+            max_width: c.max_width,
+            max_context: c.max_context,
+            width_switch_cost_us: c.width_switch_cost_us,
+            batch_invariant: c.batch_invariant,
+            threads: c.threads,
+        }
+    }
+    fn set_threads(&mut self, n: u32) -> PResult<()> {
+        let r = self.obj.set_threads(n);
+        self.call(r)
+    }
+    fn load_model(&mut self, path: &Path) -> PResult<ModelInfo> {
+        let req = LoadRequest { path: path.to_string_lossy().as_ref().into(), options_json: RString::new() };
+        let r = self.obj.load_model(&req);
+        let d = self.call(r)?;
+        Ok(ModelInfo {
+            handle: d.handle,
+            arch: d.arch.into_string(),
+            n_vocab: d.n_vocab as usize,
+            n_layer: d.n_layer as usize,
+            n_embd: d.n_embd as usize,
+            n_ctx_train: d.n_ctx_train as usize,
+            weight_bytes: d.weight_bytes,
+            extra_bytes: d.extra_bytes,
+        })
+    }
+    fn unload_model(&mut self, model: u64) -> PResult<()> {
+        let r = self.obj.unload_model(model);
+        self.call(r)
+    }
+    fn create_slot(&mut self, model: u64, n_ctx: u32) -> PResult<u32> {
+        let r = self.obj.create_slot(model, n_ctx);
+        self.call(r)
+    }
+    fn free_slot(&mut self, slot: u32) -> PResult<()> {
+        let r = self.obj.free_slot(slot);
+        self.call(r)
+    }
+    fn slot_len(&self, slot: u32) -> PResult<u32> {
+        self.call(self.obj.slot_len(slot))
+    }
+    fn truncate(&mut self, slot: u32, len: u32) -> PResult<()> {
+        let r = self.obj.truncate(slot, len);
+        self.call(r)
+    }
+    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> PResult<()> {
+        let r = self.obj.copy_prefix(src, dst, len);
+        self.call(r)
+    }
+    fn keep_entries(&mut self, slot: u32, start: u32, keep: &[u32]) -> PResult<()> {
+        let r = self.obj.keep_entries(slot, start, RSlice::from_slice(keep));
+        self.call(r)
+    }
+    fn forward(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>> {
+        let batch = ForwardBatch {
+            slot: f.slot,
+            tokens: RVec::from_slice(f.tokens),
+            positions: RVec::from_slice(f.positions),
+            mask: RVec::from_slice(f.mask),
+            logit_rows: RVec::from_slice(f.logit_rows),
+        };
+        let r = self.obj.forward(&batch);
+        let out = self.call(r)?;
+        Ok(out.logits.into_vec())
+    }
+    fn stats_json(&self) -> String {
+        self.obj.stats_json().into_string()
+    }
+}
+
+struct ForeignDrafter {
+    name: String,
+    obj: DrafterBox,
+}
+
+impl ForeignDrafter {
+    fn call<T>(&self, r: RResult<T, RString>) -> PResult<T> {
+        r.into_result().map_err(|e| PluginError::Call { plugin: self.name.clone(), message: e.into_string() })
+    }
+}
+
+impl Drafter for ForeignDrafter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn begin(&mut self, prompt: &[u32]) -> PResult<()> {
+        let r = self.obj.begin(RSlice::from_slice(prompt));
+        self.call(r)
+    }
+    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<(Vec<u32>, Vec<i32>)> {
+        let r = self.obj.propose(RSlice::from_slice(sequence), DraftBudget { max_nodes, max_depth });
+        let t = self.call(r)?;
+        Ok((t.tokens.into_vec(), t.parents.into_vec()))
+    }
+    fn observe(&mut self, accepted: &[u32], n_accepted_draft: u32, n_drafted: u32) -> PResult<()> {
+        let fb = DraftFeedback { accepted: RVec::from_slice(accepted), n_accepted_draft, n_drafted };
+        let r = self.obj.observe(&fb);
+        self.call(r)
+    }
+    fn finish(&mut self) -> PResult<()> {
+        let r = self.obj.finish();
+        self.call(r)
+    }
+}
