@@ -240,6 +240,9 @@ pub fn write_hf_dir(s: &Spec, w: &Weights, dtype: safetensors::Dtype, shards: us
     });
     if s.arch == Arch::Qwen3 {
         cfg["head_dim"] = serde_json::json!(s.head_dim);
+        // transformers 5 layout: rope settings nested under rope_parameters.
+        cfg.as_object_mut().unwrap().remove("rope_theta");
+        cfg["rope_parameters"] = serde_json::json!({"rope_theta": s.rope_theta, "rope_type": "default"});
     }
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     // tokenizer.json: the same byte-level vocabulary, via our GGUF tokenizer builder.

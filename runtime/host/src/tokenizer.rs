@@ -229,3 +229,57 @@ fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<String> {
     merges.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     merges.into_iter().map(|m| m.3).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coordgen_model::gguf::{GgufWriter, Value};
+
+    /// A SentencePiece-style (llama) vocabulary: merges follow the scores, unknown characters
+    /// fall back to byte tokens, and decoding strips the prefix space.
+    #[test]
+    fn sentencepiece_vocab_from_gguf() {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2i32, 3, 3];
+        for b in 0..256 {
+            tokens.push(format!("<0x{b:02X}>"));
+            types.push(6);
+        }
+        let pieces = ["\u{2581}", "h", "e", "l", "o", "w", "r", "d", "\u{2581}h", "\u{2581}he", "\u{2581}hel", "\u{2581}hell", "\u{2581}hello",
+            "\u{2581}w", "\u{2581}wo", "\u{2581}wor", "\u{2581}worl", "\u{2581}world"];
+        let mut scores = vec![0f32; tokens.len()];
+        for (i, p) in pieces.iter().enumerate() {
+            tokens.push(p.to_string());
+            types.push(1);
+            scores.push(-(i as f32));
+        }
+        let mut w = GgufWriter::new();
+        w.kv("tokenizer.ggml.model", Value::Str("llama".into()))
+            .kv("tokenizer.ggml.tokens", Value::Array(tokens.iter().cloned().map(Value::Str).collect()))
+            .kv("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect()))
+            .kv("tokenizer.ggml.scores", Value::Array(scores.into_iter().map(Value::F32).collect()))
+            .kv("tokenizer.ggml.bos_token_id", Value::U32(1))
+            .kv("tokenizer.ggml.eos_token_id", Value::U32(2))
+            .kv("tokenizer.ggml.unknown_token_id", Value::U32(0));
+        let path = std::env::temp_dir().join(format!("coordgen-spm-{}.gguf", std::process::id()));
+        w.write(&path).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        let tok = from_gguf(&g).unwrap();
+        let id = |s: &str| tokens.iter().position(|t| t == s).unwrap() as u32;
+        assert_eq!(tok.encode("hello world", true).unwrap(), vec![1, id("\u{2581}hello"), id("\u{2581}world")]);
+        let ids = tok.encode("hi!", false).unwrap();
+        assert_eq!(ids, vec![id("\u{2581}h"), id("<0x69>"), id("<0x21>")]);
+        assert_eq!(tok.decode(&ids).unwrap(), "hi!");
+        assert!(tok.is_eos(2));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn spm_merges_rank_by_merged_score() {
+        let toks = ["a", "b", "c", "ab", "bc", "abc"];
+        let scores = [0.0, 0.0, 0.0, -5.0, -1.0, -0.5];
+        let m = spm_merges(&toks, &scores);
+        // "abc" (best score) splits two ways; "bc" outranks "ab".
+        assert_eq!(m, vec!["a bc", "ab c", "b c", "a b"]);
+    }
+}

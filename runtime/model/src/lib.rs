@@ -198,15 +198,24 @@ fn hparams_from_config(c: &serde_json::Value, f: &ModelFile) -> Result<HParams> 
         return Err(ModelError::Config("config.json: num_attention_heads is 0".into()));
     }
     let head_dim = c.get("head_dim").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(n_embd / n_head);
-    let rope_theta = c.get("rope_theta").and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32;
-    let rope_freq_factors = match c.get("rope_scaling").filter(|v| !v.is_null()) {
+    // transformers 5 nests rope settings in `rope_parameters`; older configs use
+    // `rope_theta` and `rope_scaling` at the top level.
+    let rope_params = c.get("rope_parameters").filter(|v| v.is_object());
+    let rope_theta = c
+        .get("rope_theta")
+        .or_else(|| rope_params.and_then(|r| r.get("rope_theta")))
+        .and_then(|v| v.as_f64())
+        .unwrap_or(10000.0) as f32;
+    let scaling = c.get("rope_scaling").filter(|v| !v.is_null()).or(rope_params);
+    let rope_freq_factors = match scaling {
         None => None,
         Some(rs) => {
-            let ty = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|v| v.as_str()).unwrap_or("");
-            if ty != "llama3" {
-                return Err(ModelError::Unsupported(format!("config.json: rope_scaling type '{ty}' (supported: llama3)")));
+            let ty = rs.get("rope_type").or_else(|| rs.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+            match ty {
+                "default" => None,
+                "llama3" => Some(llama3_freq_factors(rs, head_dim, rope_theta)?),
+                other => return Err(ModelError::Unsupported(format!("config.json: rope scaling type '{other}' (supported: default, llama3)"))),
             }
-            Some(llama3_freq_factors(rs, head_dim, rope_theta)?)
         }
     };
     let _ = f;
