@@ -56,7 +56,7 @@ impl Spec {
             head_dim: if arch == Arch::Qwen3 { 128 } else { 64 },
             n_ff: 512,
             tied: arch == Arch::Llama,
-            rope_theta: 10000.0,
+            rope_theta: 50000.0,
             eps: 1e-5,
         }
     }
