@@ -4,6 +4,7 @@
 use crate::model::CpuModel;
 use crate::ops::{self, AttnShape};
 use crate::pool::ThreadPool;
+use crate::qdot::QActs;
 use crate::simd::Isa;
 
 /// One sequence's KV cache: preallocated, with a fill count, so rollback is lowering `len`.
@@ -112,6 +113,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
     let mut proj = vec![0f32; w * e];
     let mut gate = vec![0f32; w * hp.n_ff];
     let mut up = vec![0f32; w * hp.n_ff];
+    let mut qa = QActs::new();
 
     let mask = b.mask;
     let visible = move |t: usize, j: usize| if mask.is_empty() { j <= t } else { mask[t * w + j] != 0 };
@@ -119,9 +121,10 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
 
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
-        ops::matmul(pool, isa, &l.wq, &xn, w, &mut q);
-        ops::matmul(pool, isa, &l.wk, &xn, w, &mut k);
-        ops::matmul(pool, isa, &l.wv, &xn, w, &mut v);
+        qa.quantize(&xn, w, e);
+        ops::linear(pool, isa, &l.wq, &xn, &qa, w, &mut q);
+        ops::linear(pool, isa, &l.wk, &xn, &qa, w, &mut k);
+        ops::linear(pool, isa, &l.wv, &xn, &qa, w, &mut v);
         for (buf, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
             if let Some(bias) = bias {
                 for row in buf.chunks_exact_mut(bias.len()) {
@@ -143,14 +146,17 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
         slot.k[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&k);
         slot.v[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&v);
         ops::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
-        ops::matmul(pool, isa, &l.wo, &attn, w, &mut proj);
+        qa.quantize(&attn, w, q_dim);
+        ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
         ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
-        ops::matmul(pool, isa, &l.w_gate, &xn, w, &mut gate);
-        ops::matmul(pool, isa, &l.w_up, &xn, w, &mut up);
+        qa.quantize(&xn, w, e);
+        ops::linear(pool, isa, &l.w_gate, &xn, &qa, w, &mut gate);
+        ops::linear(pool, isa, &l.w_up, &xn, &qa, w, &mut up);
         ops::swiglu(&mut gate, &up);
-        ops::matmul(pool, isa, &l.w_down, &gate, w, &mut proj);
+        qa.quantize(&gate, w, hp.n_ff);
+        ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
     }
     slot.len = start + w;
@@ -166,6 +172,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
     let mut seln = vec![0f32; nr * e];
     ops::rms_norm(&sel, &m.out_norm, hp.rms_eps, &mut seln);
     let mut logits = vec![0f32; nr * hp.n_vocab];
-    ops::matmul(pool, isa, &m.output, &seln, nr, &mut logits);
+    qa.quantize(&seln, nr, e);
+    ops::linear(pool, isa, &m.output, &seln, &qa, nr, &mut logits);
     Ok(logits)
 }

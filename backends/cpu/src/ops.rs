@@ -8,6 +8,7 @@
 use coordgen_model::quant::dequantize_row;
 
 use crate::model::Matrix;
+use crate::qdot::{self, QActs, URow};
 use crate::pool::{split_range, ThreadPool};
 use crate::simd::{self, Isa};
 
@@ -51,6 +52,50 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, 
             }
         }
     });
+}
+
+/// Token rows per tile of the integer path: one unpacked weight row serves a whole tile.
+const QTOKEN_TILE: usize = 64;
+
+/// `out = x W^T` for a quantized `w` with activations already quantized in `acts`.
+pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut [f32]) {
+    let (rows, cols, n_tok) = (w.rows, w.cols, acts.n);
+    assert_eq!(acts.k, cols);
+    assert_eq!(out.len(), n_tok * rows);
+    let data = w.data();
+    let rb = w.row_bytes();
+    let outp = SharedMut(out.as_mut_ptr());
+    let nt = pool.threads();
+    pool.run(&|ti| {
+        let range = split_range(rows, nt, ti);
+        if range.is_empty() {
+            return;
+        }
+        let mut row = URow::new(cols);
+        let mut tmp = vec![0f32; QTOKEN_TILE.min(n_tok)];
+        let o = outp;
+        for t0 in (0..n_tok).step_by(QTOKEN_TILE) {
+            let t1 = (t0 + QTOKEN_TILE).min(n_tok);
+            for r in range.clone() {
+                qdot::unpack_row_isa(isa, w.ty, &data[r * rb..(r + 1) * rb], &mut row);
+                qdot::dot_tokens(isa, &row, acts, t0, t1, &mut tmp);
+                for t in t0..t1 {
+                    // SAFETY: row r belongs to this thread only.
+                    unsafe { *o.0.add(t * rows + r) = tmp[t - t0] };
+                }
+            }
+        }
+    });
+}
+
+/// `out = x W^T`, through the integer path for quantized weights (using `acts`, which must
+/// hold `x` quantized) and the float path otherwise.
+pub fn linear(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], acts: &QActs, n_tok: usize, out: &mut [f32]) {
+    if qdot::is_quantized(w.ty) {
+        qmatmul(pool, isa, w, acts, out)
+    } else {
+        matmul(pool, isa, w, x, n_tok, out)
+    }
 }
 
 /// Dequantizes row `r` of `w` (embedding lookup).

@@ -1,6 +1,7 @@
 //! The CoordGen host runtime: plugin configuration and loading, tokenizers and chat
 //! templates, sampling, and the generation engine the `coordgen` binary drives.
 
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;

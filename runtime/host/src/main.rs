@@ -31,6 +31,34 @@ enum Cmd {
     Perplexity(PplArgs),
     /// List the plugins of the configuration.
     Plugins,
+    /// Measure forward latency per width, decode and prefill speed, memory bandwidth.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Token widths of one forward to time, e.g. 1,2,4,8,16,32,64.
+    #[arg(long, value_delimiter = ',')]
+    widths: Vec<usize>,
+    /// Context length before the timed forwards.
+    #[arg(long, default_value_t = 256)]
+    context: usize,
+    /// Repetitions per width (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Decode throughput over this many tokens (like tg128).
+    #[arg(long, num_args = 0..=1, default_missing_value = "128")]
+    decode: Option<usize>,
+    /// Prefill throughput over this many tokens (like pp512).
+    #[arg(long, num_args = 0..=1, default_missing_value = "512")]
+    prefill: Option<usize>,
+    /// Runs of decode/prefill (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -338,6 +366,63 @@ fn cmd_plugins(config: &Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
+    use coordgen::bench;
+    let mut m = a.model.clone();
+    let need = a.context + a.widths.iter().copied().max().unwrap_or(0) + a.prefill.unwrap_or(0) + a.decode.unwrap_or(0) + 64;
+    if m.ctx_size == 0 {
+        m.ctx_size = need;
+    }
+    let mut s = open_session(config, &m)?;
+    let caps = s.backend.capabilities();
+    let threads = caps.threads as usize;
+    let mut out = serde_json::json!({
+        "model": m.model,
+        "backend": s.backend.name(),
+        "threads": threads,
+        "weight_bytes": s.model.weight_bytes,
+        "backend_stats": serde_json::from_str::<serde_json::Value>(&s.backend.stats_json()).unwrap_or_default(),
+    });
+    let (do_widths, do_decode, do_prefill) = (!a.widths.is_empty(), a.decode.is_some(), a.prefill.is_some());
+    let widths = if !do_widths && !do_decode && !do_prefill { vec![1, 2, 4, 8, 16, 32, 64] } else { a.widths.clone() };
+    if !widths.is_empty() {
+        let r = bench::widths(&mut s, &widths, a.context, a.reps.max(1))?;
+        if !a.json {
+            println!("forward latency after {} context tokens ({} threads):", a.context, threads);
+            for w in &r {
+                println!("  width {:>4}: {:>9.2} ms  ({:.2}x width 1)", w.width, w.ms, w.ratio);
+            }
+        }
+        out["widths"] = serde_json::to_value(&r)?;
+        out["context"] = serde_json::json!(a.context);
+    }
+    if let Some(n) = a.decode {
+        let mut v: Vec<f64> = (0..a.runs.max(1)).map(|_| bench::decode_tps(&mut s, n)).collect::<Result<_>>()?;
+        let tps = bench::median(&mut v);
+        let bw = bench::read_bandwidth_gbs(threads, 1 << 30);
+        let used = tps * s.model.weight_bytes as f64 / 1e9;
+        if !a.json {
+            println!("decode: {tps:.2} tokens/s over {n} tokens; weights read {:.1} GB/s = {:.0}% of measured read bandwidth {bw:.1} GB/s (roofline {:.1} tokens/s)",
+                used, 100.0 * used / bw, bw * 1e9 / s.model.weight_bytes as f64);
+        }
+        out["decode_tps"] = serde_json::json!(tps);
+        out["read_bandwidth_gbs"] = serde_json::json!(bw);
+        out["decode_bandwidth_fraction"] = serde_json::json!(used / bw);
+    }
+    if let Some(n) = a.prefill {
+        let mut v: Vec<f64> = (0..a.runs.max(1)).map(|_| bench::prefill_tps(&mut s, n)).collect::<Result<_>>()?;
+        let tps = bench::median(&mut v);
+        if !a.json {
+            println!("prefill: {tps:.2} tokens/s over {n} tokens (chunks of {})", s.prefill_chunk);
+        }
+        out["prefill_tps"] = serde_json::json!(tps);
+    }
+    if a.json {
+        println!("{out}");
+    }
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("COORDGEN_LOG").unwrap_or_else(|_| "warn".into()))
@@ -349,6 +434,7 @@ fn main() {
         Cmd::Chat(a) => cmd_chat(&cli.config, a),
         Cmd::Perplexity(a) => cmd_perplexity(&cli.config, a),
         Cmd::Plugins => cmd_plugins(&cli.config),
+        Cmd::Bench(a) => cmd_bench(&cli.config, a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
