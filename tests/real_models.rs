@@ -160,3 +160,42 @@ fn batch_invariance_alone_chunked_and_in_a_tree() {
         assert_eq!(bits(&next), bits(&alone[np + nc]), "{name}: decode after tree compaction");
     }
 }
+
+/// `coordgen chat` keeps the conversation and its KV cache between turns: the second turn
+/// only computes the tokens after the cached first turn.
+#[test]
+fn chat_cli_reuses_the_cache_between_turns() {
+    let exe = plugin_dir().join("coordgen");
+    let dir = temp_dir("chat-cli");
+    let cfg = dir.join("plugins.toml");
+    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n", plugin_dir().display())).unwrap();
+    let mut child = std::process::Command::new(exe)
+        .args(["--config", cfg.to_str().unwrap(), "chat", "-m", model_path(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // "[prompt N tokens (M computed, ...". Two turns.
+    let turns: Vec<(usize, usize)> = err
+        .lines()
+        .filter_map(|l| l.strip_prefix("[prompt "))
+        .map(|l| {
+            let n: usize = l.split_whitespace().next().unwrap().parse().unwrap();
+            let m: usize = l.split('(').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+            (n, m)
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{err}");
+    assert_eq!(turns[0].0, turns[0].1, "first turn computes its whole prompt");
+    assert!(turns[1].0 > turns[0].0 && turns[1].1 < turns[1].0 - turns[0].0 + 16, "second turn reuses the cache: {turns:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+}

@@ -108,8 +108,55 @@ unsafe fn q5_block(ty: GgmlType, blk: &[u8], row: &mut URow, b: usize) {
     block_scales(row, b, d, bias);
 }
 
+/// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block as two u64 of bytes, from the
+/// packed 12 bytes: words w0,w1,w2 hold sc0-3, m0-3, and the low nibbles of sc4-7 / high
+/// nibbles of m4-7, whose top two bits live in the top bits of w0 (scales) and w1 (mins).
+#[inline(always)]
+fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
+    let w0 = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+    let w1 = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
+    let w2 = u32::from_le_bytes([q[8], q[9], q[10], q[11]]);
+    let sc_lo = w0 & 0x3f3f_3f3f;
+    let mn_lo = w1 & 0x3f3f_3f3f;
+    let sc_hi = (w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4);
+    let mn_hi = ((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4);
+    (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
+}
+
+/// Vectorized scales of a Q4_K/Q5_K block: 8 group scales expanded to 64 lanes, 16 biases.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
+    let d = h(blk, 0);
+    let dmin = h(blk, 2);
+    let (sc, mn) = k_scale_bytes(&blk[4..16]);
+    let scf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm256_set1_ps(d));
+    let mnf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm256_set1_ps(-dmin));
+    let s512 = _mm512_castps256_ps512(scf);
+    let ls = row.lane_scale.as_mut_ptr().add(base / 4);
+    for p in 0..4 {
+        // Lanes 0..8 get group 2p, lanes 8..16 group 2p+1.
+        let idx = _mm512_set_epi32(
+            2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+            2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p,
+        );
+        _mm512_storeu_ps(ls.add(p as usize * 16), _mm512_permutexvar_ps(idx, s512));
+    }
+    // Each group's bias covers two 16-element entries.
+    let idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    _mm512_storeu_ps(row.bias16.as_mut_ptr().add(base / 16), _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(mnf)));
+}
+
+fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
+}
+
 #[inline(always)]
 unsafe fn k_scales(blk: &[u8], row: &mut URow, base: usize) {
+    if has_avx512() {
+        return k_scales_512(blk, row, base);
+    }
     let d = h(blk, 0);
     let dmin = h(blk, 2);
     let scales = &blk[4..16];
@@ -152,6 +199,24 @@ unsafe fn k5_block(blk: &[u8], row: &mut URow, base: usize) {
     k_scales(blk, row, base);
 }
 
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn q6k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
+    let d = h(blk, 208);
+    let sc = _mm_loadu_si128(blk.as_ptr().add(192) as *const __m128i);
+    let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(d));
+    _mm512_storeu_ps(row.bias16.as_mut_ptr().add(base / 16), _mm512_mul_ps(s, _mm512_set1_ps(-32.0)));
+    let ls = row.lane_scale.as_mut_ptr().add(base / 4);
+    for p in 0..4 {
+        // 16 lanes = 4 groups of 16 weights, 4 lanes each.
+        let g = 4 * p;
+        let idx = _mm512_set_epi32(
+            g + 3, g + 3, g + 3, g + 3, g + 2, g + 2, g + 2, g + 2,
+            g + 1, g + 1, g + 1, g + 1, g, g, g, g,
+        );
+        _mm512_storeu_ps(ls.add(p as usize * 16), _mm512_permutexvar_ps(idx, s));
+    }
+}
+
 #[target_feature(enable = "avx2")]
 unsafe fn q6k_block(blk: &[u8], row: &mut URow, base: usize) {
     let d = h(blk, 208);
@@ -172,6 +237,9 @@ unsafe fn q6k_block(blk: &[u8], row: &mut URow, base: usize) {
         _mm256_storeu_si256(dst.add(1), q2);
         _mm256_storeu_si256(dst.add(2), q3);
         _mm256_storeu_si256(dst.add(3), q4);
+    }
+    if has_avx512() {
+        return q6k_scales_512(blk, row, base);
     }
     for g in 0..16 {
         let s = d * (blk[192 + g] as i8) as f32;
