@@ -364,8 +364,10 @@ pub mod x86 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn tile_vnni<const N: usize>(row: &URow, acts: &QActs, t: usize, out: *mut f32) {
+        // Two accumulators per token (even and odd chunks) break the FMA latency chain;
+        // every width uses the same split, so results stay batch invariant.
         let k = row.q.len();
-        let mut acc = [_mm512_setzero_ps(); N];
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
         let mut qh = [std::ptr::null::<i8>(); N];
         let mut ql = [std::ptr::null::<i8>(); N];
         let mut la = [std::ptr::null::<f32>(); N];
@@ -378,20 +380,34 @@ pub mod x86 {
         let wq = row.q.as_ptr();
         let wl = row.lane_scale.as_ptr();
         let full = k / 64;
-        for c in 0..full {
+        let mut c = 0;
+        while c + 2 <= full {
+            let w0 = _mm512_loadu_si512(wq.add(c * 64) as *const _);
+            let w1 = _mm512_loadu_si512(wq.add(c * 64 + 64) as *const _);
+            let ws0 = _mm512_loadu_ps(wl.add(c * 16));
+            let ws1 = _mm512_loadu_ps(wl.add(c * 16 + 16));
+            for j in 0..N {
+                let i0 = isum_vnni(row.signed, w0, _mm512_loadu_si512(qh[j].add(c * 64) as *const _), _mm512_loadu_si512(ql[j].add(c * 64) as *const _));
+                let i1 = isum_vnni(row.signed, w1, _mm512_loadu_si512(qh[j].add(c * 64 + 64) as *const _), _mm512_loadu_si512(ql[j].add(c * 64 + 64) as *const _));
+                let s0 = _mm512_mul_ps(ws0, _mm512_loadu_ps(la[j].add(c * 16)));
+                let s1 = _mm512_mul_ps(ws1, _mm512_loadu_ps(la[j].add(c * 16 + 16)));
+                acc[j][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), s0, acc[j][0]);
+                acc[j][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), s1, acc[j][1]);
+            }
+            c += 2;
+        }
+        if c < full {
             let w = _mm512_loadu_si512(wq.add(c * 64) as *const _);
             let ws = _mm512_loadu_ps(wl.add(c * 16));
             for j in 0..N {
-                let ah = _mm512_loadu_si512(qh[j].add(c * 64) as *const _);
-                let al = _mm512_loadu_si512(ql[j].add(c * 64) as *const _);
-                let isum = isum_vnni(row.signed, w, ah, al);
+                let i0 = isum_vnni(row.signed, w, _mm512_loadu_si512(qh[j].add(c * 64) as *const _), _mm512_loadu_si512(ql[j].add(c * 64) as *const _));
                 let s = _mm512_mul_ps(ws, _mm512_loadu_ps(la[j].add(c * 16)));
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[j]);
+                acc[j][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), s, acc[j][0]);
             }
+            c += 1;
         }
         if k % 64 != 0 {
             // A trailing 32-weight block: masked to the low half.
-            let c = full;
             let mb: __mmask64 = (1u64 << 32) - 1;
             let ml: __mmask16 = 0xFF;
             let w = _mm512_maskz_loadu_epi8(mb, wq.add(c * 64) as *const _);
@@ -401,13 +417,13 @@ pub mod x86 {
                 let al = _mm512_maskz_loadu_epi8(mb, ql[j].add(c * 64) as *const _);
                 let isum = isum_vnni(row.signed, w, ah, al);
                 let s = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(ml, la[j].add(c * 16)));
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[j]);
+                acc[j][c % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[j][c % 2]);
             }
         }
         for j in 0..N {
             let (_, _, _, ds) = acts.row(t + j);
             let b = bias_sum_512(&row.bias16, ds);
-            *out.add(j) = _mm512_reduce_add_ps(acc[j]) + _mm512_reduce_add_ps(b);
+            *out.add(j) = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1])) + _mm512_reduce_add_ps(b);
         }
     }
 

@@ -124,10 +124,16 @@ fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
 }
 
 /// Vectorized scales of a Q4_K/Q5_K block: 8 group scales expanded to 64 lanes, 16 biases.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+/// Two consecutive f16 values with the hardware converter (F16C comes with AVX-512F).
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn two_f16(p: *const u8) -> (f32, f32) {
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
-    let d = h(blk, 0);
-    let dmin = h(blk, 2);
+    let (d, dmin) = two_f16(blk.as_ptr());
     let (sc, mn) = k_scale_bytes(&blk[4..16]);
     let scf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm256_set1_ps(d));
     let mnf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm256_set1_ps(-dmin));
@@ -199,9 +205,9 @@ unsafe fn k5_block(blk: &[u8], row: &mut URow, base: usize) {
     k_scales(blk, row, base);
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
 unsafe fn q6k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
-    let d = h(blk, 208);
+    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(blk[208] as i32 | (blk[209] as i32) << 8)));
     let sc = _mm_loadu_si128(blk.as_ptr().add(192) as *const __m128i);
     let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(d));
     _mm512_storeu_ps(row.bias16.as_mut_ptr().add(base / 16), _mm512_mul_ps(s, _mm512_set1_ps(-32.0)));
@@ -219,7 +225,6 @@ unsafe fn q6k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
 
 #[target_feature(enable = "avx2")]
 unsafe fn q6k_block(blk: &[u8], row: &mut URow, base: usize) {
-    let d = h(blk, 208);
     let m4 = _mm256_set1_epi8(0x0F);
     for n in 0..2 {
         let ql0 = _mm256_loadu_si256(blk.as_ptr().add(n * 64) as *const __m256i);
@@ -241,6 +246,7 @@ unsafe fn q6k_block(blk: &[u8], row: &mut URow, base: usize) {
     if has_avx512() {
         return q6k_scales_512(blk, row, base);
     }
+    let d = h(blk, 208);
     for g in 0..16 {
         let s = d * (blk[192 + g] as i8) as f32;
         _mm_storeu_ps(row.lane_scale.as_mut_ptr().add((base + g * 16) / 4), _mm_set1_ps(s));
