@@ -4,7 +4,7 @@
 use crate::model::CpuModel;
 use crate::ops::{self, AttnShape};
 use crate::pool::ThreadPool;
-use crate::qdot::QActs;
+use crate::qgemm::QActs;
 use crate::simd::Isa;
 
 /// One sequence's KV cache: preallocated, with a fill count, so rollback is lowering `len`.

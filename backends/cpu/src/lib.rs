@@ -6,7 +6,7 @@ pub mod forward;
 pub mod model;
 pub mod ops;
 pub mod pool;
-pub mod qdot;
+pub mod qgemm;
 pub mod simd;
 #[cfg(target_arch = "x86_64")]
 pub mod unpack_x86;

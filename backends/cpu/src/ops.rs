@@ -8,7 +8,7 @@
 use coordgen_model::quant::dequantize_row;
 
 use crate::model::Matrix;
-use crate::qdot::{self, QActs, URow};
+use crate::qgemm::{self, QActs, URow};
 use crate::pool::{split_range, ThreadPool};
 use crate::simd::{self, Isa};
 
@@ -77,8 +77,8 @@ pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut 
         for t0 in (0..n_tok).step_by(QTOKEN_TILE) {
             let t1 = (t0 + QTOKEN_TILE).min(n_tok);
             for r in range.clone() {
-                qdot::unpack_row_isa(isa, w.ty, &data[r * rb..(r + 1) * rb], &mut row);
-                qdot::dot_tokens(isa, &row, acts, t0, t1, &mut tmp);
+                qgemm::unpack_row_isa(isa, w.ty, &data[r * rb..(r + 1) * rb], &mut row);
+                qgemm::dot_tokens(isa, &row, acts, t0, t1, &mut tmp);
                 for t in t0..t1 {
                     // SAFETY: row r belongs to this thread only.
                     unsafe { *o.0.add(t * rows + r) = tmp[t - t0] };
@@ -91,7 +91,7 @@ pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut 
 /// `out = x W^T`, through the integer path for quantized weights (using `acts`, which must
 /// hold `x` quantized) and the float path otherwise.
 pub fn linear(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], acts: &QActs, n_tok: usize, out: &mut [f32]) {
-    if qdot::is_quantized(w.ty) {
+    if qgemm::is_quantized(w.ty) {
         qmatmul(pool, isa, w, acts, out)
     } else {
         matmul(pool, isa, w, x, n_tok, out)

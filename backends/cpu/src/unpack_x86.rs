@@ -1,111 +1,103 @@
-//! SIMD twins of `qdot::unpack_row` for x86_64: AVX2 for the 4/6/8-bit types and
-//! AVX-512BW/VL for the 5-bit ones (their high bits become a byte mask in one step).
-//! Each produces exactly the bytes and scales the scalar unpacker does (tested).
+//! SIMD twins of `qgemm::unpack_row` for x86_64 with AVX-512 (F, BW, VL): each block is
+//! expanded to natural-order bytes, every 256 weights are transposed into the interleaved
+//! tile layout, and scales are decoded with vector code. Output is byte-for-byte the scalar
+//! unpacker's (tested in `qgemm`).
 
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
-use coordgen_model::quant::{k_scale_min, GgmlType};
-use half::f16;
+use coordgen_model::quant::GgmlType;
 
-use crate::qdot::URow;
+use crate::qgemm::{URow, TILE};
 
-#[inline(always)]
-fn h(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+fn has_avx512() -> bool {
+    static A: OnceLock<bool> = OnceLock::new();
+    *A.get_or_init(|| {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("f16c")
+    })
 }
 
 /// Whether this CPU has a SIMD unpacker for `ty`.
 pub fn supports(ty: GgmlType) -> bool {
-    let avx2 = is_x86_feature_detected!("avx2");
-    let bw = is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl");
-    match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K => avx2,
-        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5K => bw && avx2,
-        _ => false,
-    }
+    has_avx512() && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
 /// Unpacks with SIMD. Callers check [`supports`] first.
 pub unsafe fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
-    let k = row.q.len();
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-            for b in 0..k / 32 {
-                small_block(ty, &src[b * ty.block_bytes()..(b + 1) * ty.block_bytes()], row, b);
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            for b in 0..k / 32 {
-                q5_block(ty, &src[b * ty.block_bytes()..(b + 1) * ty.block_bytes()], row, b);
-            }
-        }
-        GgmlType::Q4K => {
-            for b in 0..k / 256 {
-                k4_block(&src[b * 144..(b + 1) * 144], row, b * 256);
-            }
-        }
-        GgmlType::Q5K => {
-            for b in 0..k / 256 {
-                k5_block(&src[b * 176..(b + 1) * 176], row, b * 256);
-            }
-        }
-        GgmlType::Q6K => {
-            for b in 0..k / 256 {
-                q6k_block(&src[b * 210..(b + 1) * 210], row, b * 256);
-            }
-        }
-        _ => unreachable!(),
+        GgmlType::Q4K | GgmlType::Q5K => kquant45(ty, src, row),
+        GgmlType::Q6K => q6k(src, row),
+        _ => legacy(ty, src, row),
     }
+}
+
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)))
+}
+
+/// Transposes natural-order bytes of one tile (four 64-byte vectors) into the interleaved
+/// layout and stores them at `dst`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_tile(r: [__m512i; 4], dst: *mut u8) {
+    for v in 0..4i32 {
+        let idx = _mm512_setr_epi32(v, 4 + v, 8 + v, 12 + v, 16 + v, 20 + v, 24 + v, 28 + v, 0, 0, 0, 0, 0, 0, 0, 0);
+        let t01 = _mm512_permutex2var_epi32(r[0], idx, r[1]);
+        let t23 = _mm512_permutex2var_epi32(r[2], idx, r[3]);
+        let out = _mm512_inserti64x4(t01, _mm512_castsi512_si256(t23), 1);
+        _mm512_storeu_si512(dst.add(v as usize * 64) as *mut _, out);
+    }
+}
+
+#[inline(always)]
+unsafe fn join(a: __m256i, b: __m256i) -> __m512i {
+    _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1)
 }
 
 #[target_feature(enable = "avx2")]
 unsafe fn nibbles16(qs: *const u8) -> __m256i {
-    // 16 bytes -> low nibbles in bytes 0..16, high nibbles in bytes 16..32.
     let v = _mm_loadu_si128(qs as *const __m128i);
     let m = _mm_set1_epi8(0x0F);
-    let lo = _mm_and_si128(v, m);
-    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-    _mm256_set_m128i(hi, lo)
+    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m))
 }
 
-#[inline(always)]
-unsafe fn block_scales(row: &mut URow, b: usize, d: f32, bias: f32) {
-    _mm256_storeu_ps(row.lane_scale.as_mut_ptr().add(b * 8), _mm256_set1_ps(d));
-    row.bias16[b * 2] = bias;
-    row.bias16[b * 2 + 1] = bias;
-}
-
-#[target_feature(enable = "avx2")]
-unsafe fn small_block(ty: GgmlType, blk: &[u8], row: &mut URow, b: usize) {
-    let d = h(blk, 0);
-    let dst = row.q.as_mut_ptr().add(b * 32) as *mut __m256i;
-    let bias = match ty {
-        GgmlType::Q4_0 => {
-            _mm256_storeu_si256(dst, nibbles16(blk.as_ptr().add(2)));
-            -8.0 * d
+/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: eight 32-weight blocks per tile.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn legacy(ty: GgmlType, src: &[u8], row: &mut URow) {
+    let k = row.k;
+    let bb = ty.block_bytes();
+    let nblocks = k / 32;
+    let sixteen = _mm256_set1_epi8(0x10);
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    for tile in 0..k.div_ceil(TILE) {
+        let mut ymm = [_mm256_setzero_si256(); 8];
+        for (i, y) in ymm.iter_mut().enumerate() {
+            let b = tile * 8 + i;
+            if b >= nblocks {
+                break;
+            }
+            let blk = src.as_ptr().add(b * bb);
+            let d = f16_at(blk);
+            let (q, bias) = match ty {
+                GgmlType::Q4_0 => (nibbles16(blk.add(2)), -8.0 * d),
+                GgmlType::Q4_1 => (nibbles16(blk.add(4)), f16_at(blk.add(2))),
+                GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                    let (qh_at, qs_at) = if ty == GgmlType::Q5_0 { (2, 6) } else { (4, 8) };
+                    let qh = std::ptr::read_unaligned(blk.add(qh_at) as *const u32);
+                    let q = _mm256_or_si256(nibbles16(blk.add(qs_at)), _mm256_maskz_mov_epi8(qh, sixteen));
+                    (q, if ty == GgmlType::Q5_0 { -16.0 * d } else { f16_at(blk.add(2)) })
+                }
+                _ => (_mm256_xor_si256(_mm256_loadu_si256(blk.add(2) as *const __m256i), flip), -128.0 * d),
+            };
+            *y = q;
+            row.scale16[b * 2] = d;
+            row.scale16[b * 2 + 1] = d;
+            row.bias16[b * 2] = bias;
+            row.bias16[b * 2 + 1] = bias;
         }
-        GgmlType::Q4_1 => {
-            _mm256_storeu_si256(dst, nibbles16(blk.as_ptr().add(4)));
-            h(blk, 2)
-        }
-        _ => {
-            _mm256_storeu_si256(dst, _mm256_loadu_si256(blk.as_ptr().add(2) as *const __m256i));
-            0.0
-        }
-    };
-    block_scales(row, b, d, bias);
-}
-
-#[target_feature(enable = "avx2,avx512bw,avx512vl")]
-unsafe fn q5_block(ty: GgmlType, blk: &[u8], row: &mut URow, b: usize) {
-    let d = h(blk, 0);
-    let dst = row.q.as_mut_ptr().add(b * 32) as *mut __m256i;
-    let (qh_at, qs_at) = if ty == GgmlType::Q5_0 { (2, 6) } else { (4, 8) };
-    let qh = u32::from_le_bytes([blk[qh_at], blk[qh_at + 1], blk[qh_at + 2], blk[qh_at + 3]]);
-    let high = _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10));
-    _mm256_storeu_si256(dst, _mm256_or_si256(nibbles16(blk.as_ptr().add(qs_at)), high));
-    let bias = if ty == GgmlType::Q5_0 { -16.0 * d } else { h(blk, 2) };
-    block_scales(row, b, d, bias);
+        let r = [join(ymm[0], ymm[1]), join(ymm[2], ymm[3]), join(ymm[4], ymm[5]), join(ymm[6], ymm[7])];
+        store_tile(r, row.q.as_mut_ptr().add(tile * TILE));
+    }
 }
 
 /// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K block as two u64 of bytes, from the
@@ -123,133 +115,63 @@ fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
     (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
 }
 
-/// Vectorized scales of a Q4_K/Q5_K block: 8 group scales expanded to 64 lanes, 16 biases.
-/// Two consecutive f16 values with the hardware converter (F16C comes with AVX-512F).
-#[target_feature(enable = "avx512f,f16c")]
-unsafe fn two_f16(p: *const u8) -> (f32, f32) {
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
-    let (d, dmin) = two_f16(blk.as_ptr());
-    let (sc, mn) = k_scale_bytes(&blk[4..16]);
-    let scf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm256_set1_ps(d));
-    let mnf = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm256_set1_ps(-dmin));
-    let s512 = _mm512_castps256_ps512(scf);
-    let ls = row.lane_scale.as_mut_ptr().add(base / 4);
-    for p in 0..4 {
-        // Lanes 0..8 get group 2p, lanes 8..16 group 2p+1.
-        let idx = _mm512_set_epi32(
-            2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
-            2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p,
-        );
-        _mm512_storeu_ps(ls.add(p as usize * 16), _mm512_permutexvar_ps(idx, s512));
-    }
-    // Each group's bias covers two 16-element entries.
-    let idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    _mm512_storeu_ps(row.bias16.as_mut_ptr().add(base / 16), _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(mnf)));
-}
-
-fn has_avx512() -> bool {
-    use std::sync::OnceLock;
-    static A: OnceLock<bool> = OnceLock::new();
-    *A.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl"))
-}
-
-#[inline(always)]
-unsafe fn k_scales(blk: &[u8], row: &mut URow, base: usize) {
-    if has_avx512() {
-        return k_scales_512(blk, row, base);
-    }
-    let d = h(blk, 0);
-    let dmin = h(blk, 2);
-    let scales = &blk[4..16];
-    for j in 0..8 {
-        let (sc, mn) = k_scale_min(j, scales);
-        _mm256_storeu_ps(row.lane_scale.as_mut_ptr().add((base + j * 32) / 4), _mm256_set1_ps(d * sc as f32));
-        let bias = -dmin * mn as f32;
-        row.bias16[(base + j * 32) / 16] = bias;
-        row.bias16[(base + j * 32) / 16 + 1] = bias;
-    }
-}
-
-#[target_feature(enable = "avx2")]
-unsafe fn k4_block(blk: &[u8], row: &mut URow, base: usize) {
-    let m = _mm256_set1_epi8(0x0F);
-    for c in 0..4 {
-        let v = _mm256_loadu_si256(blk.as_ptr().add(16 + c * 32) as *const __m256i);
-        let dst = row.q.as_mut_ptr().add(base + c * 64);
-        _mm256_storeu_si256(dst as *mut __m256i, _mm256_and_si256(v, m));
-        _mm256_storeu_si256(dst.add(32) as *mut __m256i, _mm256_and_si256(_mm256_srli_epi16(v, 4), m));
-    }
-    k_scales(blk, row, base);
-}
-
-#[target_feature(enable = "avx2,avx512bw,avx512vl")]
-unsafe fn k5_block(blk: &[u8], row: &mut URow, base: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn kquant45(ty: GgmlType, src: &[u8], row: &mut URow) {
+    let five = ty == GgmlType::Q5K;
+    let bb = ty.block_bytes();
     let m = _mm256_set1_epi8(0x0F);
     let sixteen = _mm256_set1_epi8(0x10);
-    let qh = _mm256_loadu_si256(blk.as_ptr().add(16) as *const __m256i);
-    for c in 0..4 {
-        let v = _mm256_loadu_si256(blk.as_ptr().add(48 + c * 32) as *const __m256i);
-        let mlo = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((1u8 << (2 * c)) as i8));
-        let mhi = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((2u8 << (2 * c)) as i8));
-        let lo = _mm256_or_si256(_mm256_and_si256(v, m), _mm256_maskz_mov_epi8(mlo, sixteen));
-        let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), _mm256_maskz_mov_epi8(mhi, sixteen));
-        let dst = row.q.as_mut_ptr().add(base + c * 64);
-        _mm256_storeu_si256(dst as *mut __m256i, lo);
-        _mm256_storeu_si256(dst.add(32) as *mut __m256i, hi);
-    }
-    k_scales(blk, row, base);
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn q6k_scales_512(blk: &[u8], row: &mut URow, base: usize) {
-    let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(blk[208] as i32 | (blk[209] as i32) << 8)));
-    let sc = _mm_loadu_si128(blk.as_ptr().add(192) as *const __m128i);
-    let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(d));
-    _mm512_storeu_ps(row.bias16.as_mut_ptr().add(base / 16), _mm512_mul_ps(s, _mm512_set1_ps(-32.0)));
-    let ls = row.lane_scale.as_mut_ptr().add(base / 4);
-    for p in 0..4 {
-        // 16 lanes = 4 groups of 16 weights, 4 lanes each.
-        let g = 4 * p;
-        let idx = _mm512_set_epi32(
-            g + 3, g + 3, g + 3, g + 3, g + 2, g + 2, g + 2, g + 2,
-            g + 1, g + 1, g + 1, g + 1, g, g, g, g,
-        );
-        _mm512_storeu_ps(ls.add(p as usize * 16), _mm512_permutexvar_ps(idx, s));
+    let pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    for b in 0..row.k / 256 {
+        let blk = src.as_ptr().add(b * bb);
+        let qs = blk.add(if five { 48 } else { 16 });
+        let qh = if five { _mm256_loadu_si256(blk.add(16) as *const __m256i) } else { _mm256_setzero_si256() };
+        let mut r = [_mm512_setzero_si512(); 4];
+        for (c, rc) in r.iter_mut().enumerate() {
+            let v = _mm256_loadu_si256(qs.add(c * 32) as *const __m256i);
+            let mut lo = _mm256_and_si256(v, m);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+            if five {
+                let mlo = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((1u8 << (2 * c)) as i8));
+                let mhi = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((2u8 << (2 * c)) as i8));
+                lo = _mm256_or_si256(lo, _mm256_maskz_mov_epi8(mlo, sixteen));
+                hi = _mm256_or_si256(hi, _mm256_maskz_mov_epi8(mhi, sixteen));
+            }
+            *rc = join(lo, hi);
+        }
+        store_tile(r, row.q.as_mut_ptr().add(b * TILE));
+        let d = f16_at(blk);
+        let dmin = f16_at(blk.add(2));
+        let (sc, mn) = k_scale_bytes(std::slice::from_raw_parts(blk.add(4), 12));
+        let scf = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm256_set1_ps(d)));
+        let mnf = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm256_set1_ps(-dmin)));
+        _mm512_storeu_ps(row.scale16.as_mut_ptr().add(b * 16), _mm512_permutexvar_ps(pair, scf));
+        _mm512_storeu_ps(row.bias16.as_mut_ptr().add(b * 16), _mm512_permutexvar_ps(pair, mnf));
     }
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn q6k_block(blk: &[u8], row: &mut URow, base: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+unsafe fn q6k(src: &[u8], row: &mut URow) {
     let m4 = _mm256_set1_epi8(0x0F);
-    for n in 0..2 {
-        let ql0 = _mm256_loadu_si256(blk.as_ptr().add(n * 64) as *const __m256i);
-        let ql1 = _mm256_loadu_si256(blk.as_ptr().add(n * 64 + 32) as *const __m256i);
-        let qh = _mm256_loadu_si256(blk.as_ptr().add(128 + n * 32) as *const __m256i);
-        let q1 = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
-        let q2 = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2));
-        let q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
-        let q4 = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-            _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
-        );
-        let dst = row.q.as_mut_ptr().add(base + n * 128) as *mut __m256i;
-        _mm256_storeu_si256(dst, q1);
-        _mm256_storeu_si256(dst.add(1), q2);
-        _mm256_storeu_si256(dst.add(2), q3);
-        _mm256_storeu_si256(dst.add(3), q4);
-    }
-    if has_avx512() {
-        return q6k_scales_512(blk, row, base);
-    }
-    let d = h(blk, 208);
-    for g in 0..16 {
-        let s = d * (blk[192 + g] as i8) as f32;
-        _mm_storeu_ps(row.lane_scale.as_mut_ptr().add((base + g * 16) / 4), _mm_set1_ps(s));
-        row.bias16[(base + g * 16) / 16] = -32.0 * s;
+    for b in 0..row.k / 256 {
+        let blk = src.as_ptr().add(b * 210);
+        let mut y = [_mm256_setzero_si256(); 8];
+        for n in 0..2 {
+            let ql0 = _mm256_loadu_si256(blk.add(n * 64) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(blk.add(n * 64 + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(blk.add(128 + n * 32) as *const __m256i);
+            y[n * 4] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x03)), 4));
+            y[n * 4 + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0x0C)), 2));
+            y[n * 4 + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, _mm256_set1_epi8(0x30)));
+            y[n * 4 + 3] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                _mm256_srli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(0xC0u8 as i8)), 2),
+            );
+        }
+        store_tile([join(y[0], y[1]), join(y[2], y[3]), join(y[4], y[5]), join(y[6], y[7])], row.q.as_mut_ptr().add(b * TILE));
+        let d = f16_at(blk.add(208));
+        let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i))), _mm512_set1_ps(d));
+        _mm512_storeu_ps(row.scale16.as_mut_ptr().add(b * 16), s);
+        _mm512_storeu_ps(row.bias16.as_mut_ptr().add(b * 16), _mm512_mul_ps(s, _mm512_set1_ps(-32.0)));
     }
 }
