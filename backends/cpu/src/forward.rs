@@ -2,7 +2,8 @@
 //! tokens with explicit positions and an attention mask.
 
 use crate::model::CpuModel;
-use crate::ops::{self, AttnShape};
+use crate::attention::{self, AttnShape};
+use crate::ops;
 use crate::pool::ThreadPool;
 use crate::qgemm::QActs;
 use crate::simd::Isa;
@@ -145,7 +146,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
         }
         slot.k[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&k);
         slot.v[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&v);
-        ops::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
+        attention::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
         qa.quantize(&attn, w, q_dim);
         ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);

@@ -2,6 +2,7 @@
 //! module. [`CpuBackend`] is the native implementation; [`FfiCpu`] is the thin, panic-guarded
 //! adapter the plugin hands to the host.
 
+pub mod attention;
 pub mod forward;
 pub mod model;
 pub mod ops;

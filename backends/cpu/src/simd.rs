@@ -91,10 +91,21 @@ pub fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `y += a * x`.
+/// `y += a * x`, as a multiply then an add in every path (no FMA), so all paths agree
+/// bit for bit.
 #[inline]
 pub fn axpy(isa: Isa, a: f32, x: &[f32], y: &mut [f32]) {
-    let _ = isa;
+    debug_assert_eq!(x.len(), y.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::axpy_avx512(a, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::axpy_avx2(a, x, y) },
+        _ => axpy_scalar(a, x, y),
+    }
+}
+
+pub fn axpy_scalar(a: f32, x: &[f32], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
@@ -132,6 +143,32 @@ mod x86 {
             i += 1;
         }
         s
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let va = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i + 16 <= n {
+            let p = y.as_mut_ptr().add(i);
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_mul_ps(va, _mm512_loadu_ps(x.as_ptr().add(i)))));
+            i += 16;
+        }
+        super::axpy_scalar(a, &x[i..n], &mut y[i..n]);
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let va = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            let p = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), _mm256_mul_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)))));
+            i += 8;
+        }
+        super::axpy_scalar(a, &x[i..n], &mut y[i..n]);
     }
 
     #[target_feature(enable = "avx512f,fma")]
@@ -198,6 +235,19 @@ mod tests {
                 (s % 2001) as f32 / 1000.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn simd_axpy_equals_scalar_bitwise() {
+        for n in [0, 5, 16, 37, 128] {
+            let x = data(n, 7);
+            let y0 = data(n, 9);
+            let mut want = y0.clone();
+            axpy_scalar(0.37, &x, &mut want);
+            let mut got = y0.clone();
+            axpy(detect(), 0.37, &x, &mut got);
+            assert_eq!(want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), got.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
     }
 
     /// Every SIMD path this CPU has agrees with the scalar oracle.
