@@ -10,22 +10,7 @@ use coordgen::plugins::{self, Backend};
 use coordgen_model::gguf::{GgufWriter, Value};
 use coordgen_model::quant::{dequantize_row, quantize_row, GgmlType};
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Arch {
-    Llama,
-    Qwen2,
-    Qwen3,
-}
-
-impl Arch {
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Llama => "llama",
-            Arch::Qwen2 => "qwen2",
-            Arch::Qwen3 => "qwen3",
-        }
-    }
-}
+pub use coordgen_model::Arch;
 
 #[derive(Clone, Debug)]
 pub struct Spec {

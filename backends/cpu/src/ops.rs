@@ -23,14 +23,19 @@ pub struct SharedMut(pub *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// `out[t, r] = sum_k W[r, k] * x[t, k]` for `w` rows `r`, `x` of `n_tok x cols`,
-/// `out` of `n_tok x rows`.
-pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
-    assert_eq!(x.len(), n_tok * cols);
+/// Shared driver of the matrix kernels: rows are split over the pool, tokens are taken in
+/// tiles of `tile`, and for each (row, tile) `row_tile(state, r, t0, t1, dst)` fills
+/// `dst[t - t0] = out[t, r]`. `state` is per-thread scratch made by `init`.
+fn par_rows<S>(
+    pool: &ThreadPool,
+    rows: usize,
+    n_tok: usize,
+    tile: usize,
+    out: &mut [f32],
+    init: impl Fn() -> S + Sync,
+    row_tile: impl Fn(&mut S, usize, usize, usize, &mut [f32]) + Sync,
+) {
     assert_eq!(out.len(), n_tok * rows);
-    let data = w.data();
-    let rb = w.row_bytes();
     let outp = SharedMut(out.as_mut_ptr());
     let nt = pool.threads();
     pool.run(&|ti| {
@@ -38,18 +43,32 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, 
         if range.is_empty() {
             return;
         }
-        let mut buf = vec![0f32; cols];
+        let mut state = init();
+        let mut dst = vec![0f32; tile.min(n_tok)];
         let o = outp;
-        for t0 in (0..n_tok).step_by(TOKEN_TILE) {
-            let t1 = (t0 + TOKEN_TILE).min(n_tok);
+        for t0 in (0..n_tok).step_by(tile) {
+            let t1 = (t0 + tile).min(n_tok);
             for r in range.clone() {
-                dequantize_row(w.ty, &data[r * rb..(r + 1) * rb], &mut buf);
+                row_tile(&mut state, r, t0, t1, &mut dst);
                 for t in t0..t1 {
-                    let v = simd::dot(isa, &buf, &x[t * cols..(t + 1) * cols]);
-                    // SAFETY: row r belongs to this thread only; index in bounds by the asserts.
-                    unsafe { *o.0.add(t * rows + r) = v };
+                    // SAFETY: row r belongs to this thread only; index in bounds by the assert.
+                    unsafe { *o.0.add(t * rows + r) = dst[t - t0] };
                 }
             }
+        }
+    });
+}
+
+/// `out[t, r] = sum_k W[r, k] * x[t, k]` for `w` rows `r`, `x` of `n_tok x cols`,
+/// `out` of `n_tok x rows` (float path: each row dequantized once per token tile).
+pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, out: &mut [f32]) {
+    let cols = w.cols;
+    assert_eq!(x.len(), n_tok * cols);
+    let (data, rb) = (w.data(), w.row_bytes());
+    par_rows(pool, w.rows, n_tok, TOKEN_TILE, out, || vec![0f32; cols], |buf, r, t0, t1, dst| {
+        dequantize_row(w.ty, &data[r * rb..(r + 1) * rb], buf);
+        for t in t0..t1 {
+            dst[t - t0] = simd::dot(isa, buf, &x[t * cols..(t + 1) * cols]);
         }
     });
 }
@@ -59,32 +78,11 @@ const QTOKEN_TILE: usize = 64;
 
 /// `out = x W^T` for a quantized `w` with activations already quantized in `acts`.
 pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut [f32]) {
-    let (rows, cols, n_tok) = (w.rows, w.cols, acts.n);
-    assert_eq!(acts.k, cols);
-    assert_eq!(out.len(), n_tok * rows);
-    let data = w.data();
-    let rb = w.row_bytes();
-    let outp = SharedMut(out.as_mut_ptr());
-    let nt = pool.threads();
-    pool.run(&|ti| {
-        let range = split_range(rows, nt, ti);
-        if range.is_empty() {
-            return;
-        }
-        let mut row = URow::new(cols);
-        let mut tmp = vec![0f32; QTOKEN_TILE.min(n_tok)];
-        let o = outp;
-        for t0 in (0..n_tok).step_by(QTOKEN_TILE) {
-            let t1 = (t0 + QTOKEN_TILE).min(n_tok);
-            for r in range.clone() {
-                qgemm::unpack_row_isa(isa, w.ty, &data[r * rb..(r + 1) * rb], &mut row);
-                qgemm::dot_tokens(isa, &row, acts, t0, t1, &mut tmp);
-                for t in t0..t1 {
-                    // SAFETY: row r belongs to this thread only.
-                    unsafe { *o.0.add(t * rows + r) = tmp[t - t0] };
-                }
-            }
-        }
+    assert_eq!(acts.k, w.cols);
+    let (data, rb) = (w.data(), w.row_bytes());
+    par_rows(pool, w.rows, acts.n, QTOKEN_TILE, out, || URow::new(w.cols), |row, r, t0, t1, dst| {
+        qgemm::unpack_row_isa(isa, w.ty, &data[r * rb..(r + 1) * rb], row);
+        qgemm::dot_tokens(isa, row, acts, t0, t1, &mut dst[..t1 - t0]);
     });
 }
 

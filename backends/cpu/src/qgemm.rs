@@ -460,17 +460,7 @@ mod tests {
     use super::*;
     use coordgen_model::quant::{dequantize_row, quantize_row};
 
-    fn signal(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testdata::signal as signal;
 
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];

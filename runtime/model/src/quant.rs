@@ -347,17 +347,7 @@ fn quantize_block(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let q: Vec<u8> = x.iter().map(|v| ((v * id + off) as i32).clamp(0, maxq) as u8).collect();
             put_f16(out, d);
-            if ty == GgmlType::Q5_0 {
-                let mut qh = 0u32;
-                for j in 0..16 {
-                    qh |= (((q[j] >> 4) & 1) as u32) << j;
-                    qh |= (((q[j + 16] >> 4) & 1) as u32) << (j + 16);
-                }
-                out.extend_from_slice(&qh.to_le_bytes());
-            }
-            for j in 0..16 {
-                out.push((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4));
-            }
+            pack_codes(&q, ty == GgmlType::Q5_0, out);
         }
         GgmlType::Q4_1 | GgmlType::Q5_1 => {
             let maxq = if ty == GgmlType::Q4_1 { 15.0 } else { 31.0 };
@@ -368,17 +358,7 @@ fn quantize_block(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
             let q: Vec<u8> = x.iter().map(|v| (((v - mn) * id + 0.5) as i32).clamp(0, maxq as i32) as u8).collect();
             put_f16(out, d);
             put_f16(out, mn);
-            if ty == GgmlType::Q5_1 {
-                let mut qh = 0u32;
-                for j in 0..16 {
-                    qh |= (((q[j] >> 4) & 1) as u32) << j;
-                    qh |= (((q[j + 16] >> 4) & 1) as u32) << (j + 16);
-                }
-                out.extend_from_slice(&qh.to_le_bytes());
-            }
-            for j in 0..16 {
-                out.push((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4));
-            }
+            pack_codes(&q, ty == GgmlType::Q5_1, out);
         }
         GgmlType::Q8_0 => {
             let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -391,6 +371,18 @@ fn quantize_block(ty: GgmlType, x: &[f32], out: &mut Vec<u8>) {
         }
         GgmlType::Q4K | GgmlType::Q5K => quantize_k45(ty, x, out),
         GgmlType::Q6K => quantize_q6k(x, out),
+    }
+}
+
+/// Writes 32 codes of a legacy block: the 5th bits as a u32 first when `five`, then
+/// element j in the low nibble and element j+16 in the high nibble of byte j.
+fn pack_codes(q: &[u8], five: bool, out: &mut Vec<u8>) {
+    if five {
+        let qh = (0..32).fold(0u32, |h, j| h | ((((q[j] >> 4) & 1) as u32) << j));
+        out.extend_from_slice(&qh.to_le_bytes());
+    }
+    for j in 0..16 {
+        out.push((q[j] & 0xF) | ((q[j + 16] & 0xF) << 4));
     }
 }
 
