@@ -115,6 +115,11 @@ fn corrupt_and_truncated_gguf_are_reported() {
     let mut v1 = good.clone();
     v1[4] = 1;
     check("v1.gguf", &v1, "GGUF version 1");
+    // Version 2 has the same layout as 3 and loads.
+    let mut v2 = good.clone();
+    v2[4] = 2;
+    std::fs::write(dir.join("v2.gguf"), &v2).unwrap();
+    assert_eq!(GgufFile::open(dir.join("v2.gguf")).unwrap().version, 2);
     // Unknown tensor type: patch the type id of the first tensor (Q8_1, not a storage type).
     let orig = dir.join("orig.gguf");
     std::fs::write(&orig, &good).unwrap();

@@ -110,3 +110,36 @@ fn session_generates_and_chat_template_renders_on_synthetic_models() {
     assert_eq!(g1.tokens, g2.tokens);
     assert_eq!(g2.timings.prefill_tokens, 1, "only the last prompt token is recomputed");
 }
+
+#[test]
+fn streaming_stop_strings_and_seeded_sampling() {
+    let dir = temp_dir("synthetic-stop");
+    let spec = Spec::tiny(Arch::Llama);
+    let path = dir.join("m.gguf");
+    write_gguf(&spec, &random_weights(&spec, 5), GgmlType::Q4K, &path);
+    let mut s = Session::open(cpu_backend(1), &path, 256).unwrap();
+    let prompt = s.tok.encode("abc", true).unwrap();
+    let greedy = GenerateParams { max_tokens: 24, stop_at_eos: false, ..Default::default() };
+    let mut streamed = String::new();
+    let full = s.generate(&prompt, &greedy, &mut |p| streamed.push_str(p)).unwrap();
+    assert_eq!(streamed, full.text, "streamed pieces add up to the text");
+    assert_eq!(full.finish_reason, "length");
+    // Stop at a string taken from the middle of the greedy output: the text ends right
+    // before it and nothing after it was streamed.
+    let chars: Vec<char> = full.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let cut = full.text.find(&stop).unwrap();
+    let mut streamed = String::new();
+    let stopped = s.generate(&prompt, &GenerateParams { stop: vec![stop.clone()], ..greedy.clone() }, &mut |p| streamed.push_str(p)).unwrap();
+    assert_eq!(stopped.finish_reason, "stop");
+    assert_eq!(stopped.text, full.text[..cut]);
+    assert_eq!(streamed, stopped.text);
+    // Sampling: the same seed repeats, another seed differs.
+    let mut sample = |seed| {
+        let p = GenerateParams { sampling: coordgen::sampling::SamplingParams { temperature: 1.5, seed, ..Default::default() }, ..greedy.clone() };
+        s.generate(&prompt, &p, &mut |_| {}).unwrap().tokens
+    };
+    let (a, b, c) = (sample(1), sample(1), sample(2));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}

@@ -384,17 +384,27 @@ pub mod x86 {
             let wb = _mm512_loadu_ps(row.bias16.as_ptr().add(tile * 16));
             for j in 0..N {
                 let a = |p: *const i8, v: usize| _mm512_loadu_si512(p.add(off + v * 64) as *const _);
-                // One chain: the high-byte sums, shifted, seed the low-byte chain (out-of-order
-                // execution overlaps consecutive tiles, so the chain length is hidden).
-                let mut acc_i = _mm512_dpbusd_epi32(z, w0, a(ph[j], 0));
-                acc_i = _mm512_dpbusd_epi32(acc_i, w1, a(ph[j], 1));
-                acc_i = _mm512_dpbusd_epi32(acc_i, w2, a(ph[j], 2));
-                acc_i = _mm512_dpbusd_epi32(acc_i, w3, a(ph[j], 3));
-                acc_i = _mm512_slli_epi32(acc_i, 7);
-                acc_i = _mm512_dpbusd_epi32(acc_i, w0, a(pl[j], 0));
-                acc_i = _mm512_dpbusd_epi32(acc_i, w1, a(pl[j], 1));
-                acc_i = _mm512_dpbusd_epi32(acc_i, w2, a(pl[j], 2));
-                let isum = _mm512_dpbusd_epi32(acc_i, w3, a(pl[j], 3));
+                let isum = if N <= 2 {
+                    // Few tokens: independent partial chains hide the instruction latency.
+                    // Integer addition is exact, so the sums equal the single-chain ones.
+                    let h01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w0, a(ph[j], 0)), w1, a(ph[j], 1));
+                    let h23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w2, a(ph[j], 2)), w3, a(ph[j], 3));
+                    let l01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w0, a(pl[j], 0)), w1, a(pl[j], 1));
+                    let l23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w2, a(pl[j], 2)), w3, a(pl[j], 3));
+                    _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h01, h23), 7), _mm512_add_epi32(l01, l23))
+                } else {
+                    // Several tokens already give independent work: one chain, fewest
+                    // instructions (the shifted high-byte sums seed the low-byte chain).
+                    let mut acc_i = _mm512_dpbusd_epi32(z, w0, a(ph[j], 0));
+                    acc_i = _mm512_dpbusd_epi32(acc_i, w1, a(ph[j], 1));
+                    acc_i = _mm512_dpbusd_epi32(acc_i, w2, a(ph[j], 2));
+                    acc_i = _mm512_dpbusd_epi32(acc_i, w3, a(ph[j], 3));
+                    acc_i = _mm512_slli_epi32(acc_i, 7);
+                    acc_i = _mm512_dpbusd_epi32(acc_i, w0, a(pl[j], 0));
+                    acc_i = _mm512_dpbusd_epi32(acc_i, w1, a(pl[j], 1));
+                    acc_i = _mm512_dpbusd_epi32(acc_i, w2, a(pl[j], 2));
+                    _mm512_dpbusd_epi32(acc_i, w3, a(pl[j], 3))
+                };
                 let s = _mm512_mul_ps(ws, _mm512_loadu_ps(ps[j].add(tile * 16)));
                 acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[j]);
                 acc[j] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(pd[j].add(tile * 16)), acc[j]);
@@ -553,5 +563,42 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use coordgen_model::quant::quantize_row;
+
+    /// Not a test of speed (CI runs no timing assertions): prints ns per 256 weights per token
+    /// for a manual look with `cargo test --release -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn print_dot_throughput() {
+        let k = 1536;
+        let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        let x = crate::testdata::signal(n * k, 3);
+        let mut acts = QActs::new();
+        acts.quantize(&x, n, k);
+        let q = quantize_row(GgmlType::Q4K, &crate::testdata::signal(k, 5));
+        let mut row = URow::new(k);
+        unpack_row(GgmlType::Q4K, &q, &mut row);
+        let isa = crate::simd::detect();
+        let mut out = vec![0f32; n];
+        let reps = 1_280_000 / n;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            dot_tokens(isa, &row, &acts, 0, n, &mut out);
+            std::hint::black_box(&out);
+        }
+        let ns = t.elapsed().as_nanos() as f64 / (reps * n * (k / 256)) as f64;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            unpack_row_isa(isa, GgmlType::Q4K, &q, &mut row);
+            std::hint::black_box(&row.q);
+        }
+        let ns_unpack = t.elapsed().as_nanos() as f64 / (reps * (k / 256)) as f64;
+        println!("{isa:?}: dot {ns:.2} ns per 256 weights per token; unpack {ns_unpack:.2} ns per 256 weights");
     }
 }
