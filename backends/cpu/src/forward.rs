@@ -5,7 +5,7 @@ use crate::model::CpuModel;
 use crate::attention::{self, AttnShape};
 use crate::ops;
 use crate::pool::ThreadPool;
-use crate::qgemm::QActs;
+use crate::qgemm::{ActBits, QActs};
 use crate::simd::Isa;
 
 /// One sequence's KV cache: preallocated, with a fill count, so rollback is lowering `len`.
@@ -73,7 +73,7 @@ pub struct Batch<'a> {
 
 /// Runs the model over the batch, appending its KV entries to the slot; returns the logits
 /// of the requested rows (`rows x n_vocab`).
-pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &Batch<'_>) -> Result<Vec<f32>, String> {
+pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &mut Slot, b: &Batch<'_>) -> Result<Vec<f32>, String> {
     let hp = &m.hp;
     let w = b.tokens.len();
     if w == 0 {
@@ -122,7 +122,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
 
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
-        qa.quantize(&xn, w, e);
+        qa.quantize(&xn, w, e, bits);
         ops::linear(pool, isa, &l.wq, &xn, &qa, w, &mut q);
         ops::linear(pool, isa, &l.wk, &xn, &qa, w, &mut k);
         ops::linear(pool, isa, &l.wv, &xn, &qa, w, &mut v);
@@ -147,16 +147,16 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
         slot.k[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&k);
         slot.v[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&v);
         attention::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
-        qa.quantize(&attn, w, q_dim);
+        qa.quantize(&attn, w, q_dim, bits);
         ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
         ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
-        qa.quantize(&xn, w, e);
+        qa.quantize(&xn, w, e, bits);
         ops::linear(pool, isa, &l.w_gate, &xn, &qa, w, &mut gate);
         ops::linear(pool, isa, &l.w_up, &xn, &qa, w, &mut up);
         ops::swiglu(&mut gate, &up);
-        qa.quantize(&gate, w, hp.n_ff);
+        qa.quantize(&gate, w, hp.n_ff, bits);
         ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
     }
@@ -173,7 +173,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, m: &CpuModel, slot: &mut Slot, b: &B
     let mut seln = vec![0f32; nr * e];
     ops::rms_norm(&sel, &m.out_norm, hp.rms_eps, &mut seln);
     let mut logits = vec![0f32; nr * hp.n_vocab];
-    qa.quantize(&seln, nr, e);
+    qa.quantize(&seln, nr, e, bits);
     ops::linear(pool, isa, &m.output, &seln, &qa, nr, &mut logits);
     Ok(logits)
 }

@@ -29,6 +29,7 @@ use coordgen_model::quant::GgmlType;
 
 use forward::{Batch, Slot};
 use model::CpuModel;
+use qgemm::ActBits;
 use pool::ThreadPool;
 use simd::Isa;
 
@@ -39,11 +40,15 @@ pub const MAX_WIDTH: u32 = 4096;
 #[serde(deny_unknown_fields)]
 struct Options {
     threads: Option<u32>,
+    /// Activation precision of the integer kernels: 15 (default, matches the float
+    /// reference) or 8 (faster, llama.cpp-like accuracy).
+    activation_bits: Option<u32>,
 }
 
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
+    act_bits: ActBits,
     models: HashMap<u64, Arc<CpuModel>>,
     slots: HashMap<u32, Slot>,
     next_model: u64,
@@ -61,6 +66,7 @@ impl CpuBackend {
         CpuBackend {
             pool: ThreadPool::new(threads),
             isa: simd::detect(),
+            act_bits: ActBits::Fifteen,
             models: HashMap::new(),
             slots: HashMap::new(),
             next_model: 1,
@@ -74,7 +80,13 @@ impl CpuBackend {
         } else {
             serde_json::from_str(json).map_err(|e| format!("cpu backend options: {e}"))?
         };
-        Ok(Self::new(opts.threads.unwrap_or(0) as usize))
+        let mut b = Self::new(opts.threads.unwrap_or(0) as usize);
+        b.act_bits = match opts.activation_bits {
+            None | Some(15) => ActBits::Fifteen,
+            Some(8) => ActBits::Eight,
+            Some(other) => return Err(format!("cpu backend options: activation_bits must be 15 or 8, not {other}")),
+        };
+        Ok(b)
     }
 
     pub fn isa(&self) -> Isa {
@@ -199,7 +211,7 @@ impl CpuBackend {
         }
         let s = self.slots.get_mut(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
         let m = self.models.get(&s.model).ok_or_else(|| format!("slot {slot} refers to an unloaded model"))?;
-        forward::forward(&self.pool, self.isa, m, s, batch)
+        forward::forward(&self.pool, self.isa, self.act_bits, m, s, batch)
     }
 
     pub fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
@@ -210,6 +222,7 @@ impl CpuBackend {
     pub fn stats_json(&self) -> String {
         serde_json::json!({
             "isa": self.isa.name(),
+            "activation_bits": if self.act_bits == ActBits::Eight { 8 } else { 15 },
             "threads": self.pool.threads(),
             "models": self.models.len(),
             "kv_bytes_reserved": self.slots.values().map(|s| s.bytes()).sum::<usize>(),
