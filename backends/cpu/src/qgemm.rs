@@ -362,6 +362,9 @@ pub mod x86 {
     }
 
     /// AVX-512 VNNI; up to 4 tokens share each weight tile.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VNNI ([`has_vnni`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_tokens_vnni(row: &URow, acts: &QActs, t0: usize, t1: usize, out: &mut [f32]) {
         let mut t = t0;
@@ -441,6 +444,9 @@ pub mod x86 {
 
     /// AVX2: each group's integer sum through 16-bit multiplies (exact for bytes up to 255),
     /// then the same float steps as the other paths on two 8-lane halves.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_tokens_avx2(row: &URow, acts: &QActs, t0: usize, t1: usize, out: &mut [f32]) {
         let kp = row.q.len();

@@ -22,7 +22,10 @@ pub fn supports(ty: GgmlType) -> bool {
     has_avx512() && !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
-/// Unpacks with SIMD. Callers check [`supports`] first.
+/// Unpacks with SIMD.
+///
+/// # Safety
+/// The CPU must have the features [`supports`] checks for `ty`.
 pub unsafe fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
     match ty {
         GgmlType::Q4K | GgmlType::Q5K => kquant45(ty, src, row),

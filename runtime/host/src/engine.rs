@@ -186,8 +186,7 @@ impl Session {
         let mut finish = "length";
         let _s = tracing::info_span!("decode").entered();
         while out.len() < p.max_tokens {
-            let history: Vec<u32> = self.cached.clone();
-            let next = sampler.sample(&logits, &history);
+            let next = sampler.sample(&logits, &self.cached);
             if p.stop_at_eos && self.tok.is_eos(next) {
                 finish = "stop";
                 break;
