@@ -122,7 +122,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
 
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
-        qa.quantize(&xn, w, e, bits);
+        qa.quantize_on(Some(pool), &xn, w, e, bits);
         ops::linear(pool, isa, &l.wq, &xn, &qa, w, &mut q);
         ops::linear(pool, isa, &l.wk, &xn, &qa, w, &mut k);
         ops::linear(pool, isa, &l.wv, &xn, &qa, w, &mut v);
@@ -147,16 +147,16 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
         slot.k[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&k);
         slot.v[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&v);
         attention::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
-        qa.quantize(&attn, w, q_dim, bits);
+        qa.quantize_on(Some(pool), &attn, w, q_dim, bits);
         ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
         ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
-        qa.quantize(&xn, w, e, bits);
+        qa.quantize_on(Some(pool), &xn, w, e, bits);
         ops::linear(pool, isa, &l.w_gate, &xn, &qa, w, &mut gate);
         ops::linear(pool, isa, &l.w_up, &xn, &qa, w, &mut up);
         ops::swiglu(&mut gate, &up);
-        qa.quantize(&gate, w, hp.n_ff, bits);
+        qa.quantize_on(Some(pool), &gate, w, hp.n_ff, bits);
         ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
     }
@@ -173,7 +173,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
     let mut seln = vec![0f32; nr * e];
     ops::rms_norm(&sel, &m.out_norm, hp.rms_eps, &mut seln);
     let mut logits = vec![0f32; nr * hp.n_vocab];
-    qa.quantize(&seln, nr, e, bits);
+    qa.quantize_on(Some(pool), &seln, nr, e, bits);
     ops::linear(pool, isa, &m.output, &seln, &qa, nr, &mut logits);
     Ok(logits)
 }

@@ -30,6 +30,7 @@
 use coordgen_model::quant::{k_scale_min, GgmlType};
 use half::f16;
 
+use crate::pool::{split_range, ThreadPool};
 use crate::simd::Isa;
 
 pub const TILE: usize = 256;
@@ -83,10 +84,15 @@ impl QActs {
     /// Quantizes `x` (`n x k`). Rows whose length is not a multiple of 32 cannot meet
     /// quantized weights (whose rows are whole blocks) and are left empty.
     pub fn quantize(&mut self, x: &[f32], n: usize, k: usize, bits: ActBits) {
+        self.quantize_on(None, x, n, k, bits)
+    }
+
+    /// As [`QActs::quantize`], spreading tokens over the pool's threads when there are
+    /// several (each token is quantized alone, so the result does not depend on the split).
+    pub fn quantize_on(&mut self, pool: Option<&ThreadPool>, x: &[f32], n: usize, k: usize, bits: ActBits) {
         assert_eq!(x.len(), n * k);
         self.k = k;
         self.bits = bits;
-        let qmax = if bits == ActBits::Eight { 127.0 } else { QA_MAX };
         if k % 32 != 0 {
             self.n = 0;
             return;
@@ -94,40 +100,36 @@ impl QActs {
         let kp = k.div_ceil(TILE) * TILE;
         self.kp = kp;
         self.n = n;
-        self.hi.clear();
-        self.hi.resize(n * kp, 0);
-        self.lo.clear();
-        self.lo.resize(n * kp, 0);
-        self.scale16.clear();
-        self.scale16.resize(n * kp / 16, 0.0);
-        self.dsum16.clear();
-        self.dsum16.resize(n * kp / 16, 0.0);
-        for t in 0..n {
-            let xr = &x[t * k..(t + 1) * k];
-            let base = t * kp;
-            for (b, xb) in xr.chunks_exact(32).enumerate() {
-                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / qmax;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut sums = [0i32; 2];
-                for (i, &v) in xb.iter().enumerate() {
-                    let q = ((v * id).round() as i32).clamp(-(qmax as i32), qmax as i32);
-                    sums[i / 16] += q;
-                    let n_abs = b * 32 + i;
-                    let pos = base + (n_abs / TILE) * TILE + interleave(n_abs % TILE);
-                    if bits == ActBits::Eight {
-                        self.hi[pos] = q as i8;
-                    } else {
-                        self.hi[pos] = (q >> 7) as i8;
-                        self.lo[pos] = (q & 127) as i8;
-                    }
-                }
-                for hf in 0..2 {
-                    let g = (base + b * 32 + hf * 16) / 16;
-                    self.scale16[g] = d;
-                    self.dsum16[g] = d * sums[hf] as f32;
-                }
+        for (v, len) in [(&mut self.hi, n * kp), (&mut self.lo, n * kp)] {
+            v.clear();
+            v.resize(len, 0);
+        }
+        for (v, len) in [(&mut self.scale16, n * kp / 16), (&mut self.dsum16, n * kp / 16)] {
+            v.clear();
+            v.resize(len, 0.0);
+        }
+        let ptrs = TokenPtrs { hi: self.hi.as_mut_ptr(), lo: self.lo.as_mut_ptr(), sc: self.scale16.as_mut_ptr(), ds: self.dsum16.as_mut_ptr() };
+        let run = |t: usize| {
+            let p = ptrs;
+            // SAFETY: token t's slices are disjoint from every other token's, in bounds of the
+            // buffers sized above, and the buffers outlive this call.
+            unsafe {
+                quantize_token(
+                    &x[t * k..(t + 1) * k],
+                    std::slice::from_raw_parts_mut(p.hi.add(t * kp), kp),
+                    std::slice::from_raw_parts_mut(p.lo.add(t * kp), kp),
+                    std::slice::from_raw_parts_mut(p.sc.add(t * kp / 16), kp / 16),
+                    std::slice::from_raw_parts_mut(p.ds.add(t * kp / 16), kp / 16),
+                    bits,
+                )
             }
+        };
+        match pool {
+            Some(pool) if n > 1 && pool.threads() > 1 => {
+                let nt = pool.threads();
+                pool.run(&|ti| split_range(n, nt, ti).for_each(run));
+            }
+            _ => (0..n).for_each(run),
         }
     }
 
@@ -136,6 +138,71 @@ impl QActs {
     pub fn row(&self, t: usize) -> (&[i8], &[i8], &[f32], &[f32]) {
         let kp = self.kp;
         (&self.hi[t * kp..(t + 1) * kp], &self.lo[t * kp..(t + 1) * kp], &self.scale16[t * kp / 16..(t + 1) * kp / 16], &self.dsum16[t * kp / 16..(t + 1) * kp / 16])
+    }
+}
+
+#[derive(Clone, Copy)]
+struct TokenPtrs {
+    hi: *mut i8,
+    lo: *mut i8,
+    sc: *mut f32,
+    ds: *mut f32,
+}
+// SAFETY: used only to hand disjoint per-token slices to the pool's threads.
+unsafe impl Send for TokenPtrs {}
+unsafe impl Sync for TokenPtrs {}
+
+/// Interleaved position of every index of a tile.
+static POS: [u16; TILE] = {
+    let mut t = [0u16; TILE];
+    let mut n = 0;
+    while n < TILE {
+        t[n] = ((n % 16) / 4 * 64 + n / 16 * 4 + n % 4) as u16;
+        n += 1;
+    }
+    t
+};
+
+/// `x.round() as i32` (half away from zero) for |x| < 2^23, without a libm call (the
+/// baseline x86_64 target has no rounding instruction).
+#[inline(always)]
+fn round_half_away(x: f32) -> i32 {
+    let i = x as i32;
+    let frac = x - i as f32; // exact: x and i differ by less than 1 and |x| < 2^23
+    if frac >= 0.5 {
+        i + 1
+    } else if frac <= -0.5 {
+        i - 1
+    } else {
+        i
+    }
+}
+
+/// Quantizes one token into its (interleaved, padded) slices.
+fn quantize_token(x: &[f32], hi: &mut [i8], lo: &mut [i8], sc: &mut [f32], ds: &mut [f32], bits: ActBits) {
+    let qmax = if bits == ActBits::Eight { 127.0 } else { QA_MAX };
+    for (b, xb) in x.chunks_exact(32).enumerate() {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / qmax;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sums = [0i32; 2];
+        let tile_base = (b * 32 / TILE) * TILE;
+        let within = b * 32 % TILE;
+        for (i, &v) in xb.iter().enumerate() {
+            let q = round_half_away(v * id).clamp(-(qmax as i32), qmax as i32);
+            sums[i / 16] += q;
+            let pos = tile_base + POS[within + i] as usize;
+            if bits == ActBits::Eight {
+                hi[pos] = q as i8;
+            } else {
+                hi[pos] = (q >> 7) as i8;
+                lo[pos] = (q & 127) as i8;
+            }
+        }
+        for hf in 0..2 {
+            sc[b * 2 + hf] = d;
+            ds[b * 2 + hf] = d * sums[hf] as f32;
+        }
     }
 }
 
@@ -514,6 +581,21 @@ mod tests {
             }
         }
         v
+    }
+
+    #[test]
+    fn fast_rounding_and_position_table_agree_with_the_definitions() {
+        for i in -40000..40000 {
+            for f in [0.0f32, 0.25, 0.49999997, 0.5, 0.5000001, 0.75] {
+                let x = i as f32 * 0.5 + f * if i < 0 { -1.0 } else { 1.0 };
+                if x.abs() < 16384.0 {
+                    assert_eq!(round_half_away(x), x.round() as i32, "{x}");
+                }
+            }
+        }
+        for n in 0..TILE {
+            assert_eq!(POS[n] as usize, interleave(n));
+        }
     }
 
     fn natural(row: &URow, n: usize) -> f32 {
