@@ -5,22 +5,12 @@
 
 use coordgen_backend_cpu::qgemm::{dot_tokens, unpack_row_isa, ActBits, QActs, URow};
 use coordgen_backend_cpu::simd;
+use coordgen_backend_cpu::testdata::signal;
 use coordgen_model::quant::{quantize_row, GgmlType};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 const K: usize = 4096;
 
-fn signal(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
-}
 
 fn quantized() -> Vec<GgmlType> {
     GgmlType::ALL.into_iter().filter(|t| !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)).collect()

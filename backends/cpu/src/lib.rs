@@ -9,8 +9,8 @@ pub mod ops;
 pub mod pool;
 pub mod qgemm;
 pub mod simd;
-#[cfg(test)]
-pub(crate) mod testdata;
+#[doc(hidden)]
+pub mod testdata;
 #[cfg(target_arch = "x86_64")]
 pub mod unpack_x86;
 

@@ -1,4 +1,4 @@
-//! Deterministic pseudo-random test vectors shared by the kernel tests.
+//! Deterministic pseudo-random test vectors shared by the kernel tests and benchmarks.
 
 /// `n` values in [-1, 1] from a xorshift generator seeded with `seed`.
 pub fn signal(n: usize, seed: u32) -> Vec<f32> {

@@ -192,9 +192,14 @@ struct ForeignBackend {
     obj: BackendBox,
 }
 
+/// Converts a plugin call's result, naming the plugin in the error.
+fn call<T>(plugin: &str, r: RResult<T, RString>) -> PResult<T> {
+    r.into_result().map_err(|e| PluginError::Call { plugin: plugin.to_string(), message: e.into_string() })
+}
+
 impl ForeignBackend {
     fn call<T>(&self, r: RResult<T, RString>) -> PResult<T> {
-        r.into_result().map_err(|e| PluginError::Call { plugin: self.name.clone(), message: e.into_string() })
+        call(&self.name, r)
     }
 }
 
@@ -285,7 +290,7 @@ struct ForeignDrafter {
 
 impl ForeignDrafter {
     fn call<T>(&self, r: RResult<T, RString>) -> PResult<T> {
-        r.into_result().map_err(|e| PluginError::Call { plugin: self.name.clone(), message: e.into_string() })
+        call(&self.name, r)
     }
 }
 
