@@ -26,6 +26,10 @@ pub struct PluginEntry {
 pub struct PluginsConfig {
     /// Name of the backend plugin that runs the target model.
     pub target_backend: String,
+    /// Drafter(s) used by default for generation: a plugin name, or several joined by `,`
+    /// (asked in order; the first with a draft wins). Absent = plain decoding.
+    #[serde(default)]
+    pub drafter: Option<String>,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginEntry>,
     #[serde(skip)]
@@ -72,6 +76,15 @@ impl PluginsConfig {
             Some(e) => bail!("{source}: target_backend '{}' is a {} plugin, not a backend", e.name, e.kind),
             None => bail!("{source}: target_backend '{}' is not among the [[plugin]] entries", cfg.target_backend),
         }
+        if let Some(d) = &cfg.drafter {
+            for name in d.split(',').map(str::trim) {
+                match cfg.entry(name) {
+                    Some(e) if e.kind == "drafter" => {}
+                    Some(e) => bail!("{source}: drafter '{}' is a {} plugin, not a drafter", e.name, e.kind),
+                    None => bail!("{source}: drafter '{name}' is not among the [[plugin]] entries"),
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -101,6 +114,38 @@ impl PluginsConfig {
     pub fn entry(&self, name: &str) -> Option<&PluginEntry> {
         self.plugins.iter().find(|p| p.name == name)
     }
+}
+
+/// Directory of the default model files: `$COORDGEN_MODELS` or `models/`.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("COORDGEN_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
+}
+
+/// Resolves the default model names (smollm2, qwen-0.5b, qwen-1.5b) to files under
+/// [`models_dir`]; anything else is taken as a path.
+pub fn resolve_model(m: &str) -> PathBuf {
+    let file = match m {
+        "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "qwen-0.5b" => "qwen2.5-coder-0.5b-instruct.gguf",
+        "qwen-1.5b" => "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        _ => return PathBuf::from(m),
+    };
+    models_dir().join(file)
+}
+
+/// Where drafters keep what they learn across runs: `$COORDGEN_CACHE`,
+/// `$XDG_CACHE_HOME/coordgen` or `~/.cache/coordgen`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("COORDGEN_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("coordgen");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".cache/coordgen");
+    }
+    std::env::temp_dir().join("coordgen-cache")
 }
 
 pub fn exe_dir() -> Option<PathBuf> {

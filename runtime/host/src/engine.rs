@@ -3,14 +3,16 @@
 //! a decode loop with sampling, stop conditions and streaming, and perplexity scoring.
 
 use std::path::Path;
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use coordgen_model::ModelFile;
 use serde::Serialize;
 
-use crate::plugins::{Backend, Forward, ModelInfo};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::plugins::{Backend, Drafter, Forward, ModelInfo};
+use crate::spec::SpecStats;
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tok;
 
 /// Tokens per prefill forward.
@@ -25,6 +27,8 @@ pub struct Session {
     /// Tokens whose KV entries are in the slot, in order.
     pub cached: Vec<u32>,
     pub prefill_chunk: usize,
+    /// Drafter used by [`Session::generate`] (None = plain decoding).
+    pub drafter: Option<Box<dyn Drafter>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -71,11 +75,25 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Stop at the model's end-of-sequence tokens.
     pub stop_at_eos: bool,
+    /// Set to true (from any thread) to end the request after the current step.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Deepest draft the policy may ask for.
+    pub max_draft_depth: u32,
+    /// Widest verification batch (pending token + draft nodes).
+    pub max_draft_width: usize,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), stop_at_eos: true }
+        GenerateParams {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_at_eos: true,
+            cancel: None,
+            max_draft_depth: 8,
+            max_draft_width: 16,
+        }
     }
 }
 
@@ -85,6 +103,8 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub finish_reason: String,
     pub timings: Timings,
+    /// Speculation statistics (when a drafter was used).
+    pub spec: Option<SpecStats>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -100,6 +120,20 @@ pub struct Perplexity {
 pub struct WindowScores {
     pub logprob: Vec<f32>,
     pub argmax: Vec<u32>,
+}
+
+/// Checks that two tokenizers map every id to the same token text.
+pub fn check_same_vocab(ours: &Tok, theirs: &Tok) -> Result<()> {
+    if ours.vocab_size() != theirs.vocab_size() {
+        bail!("{} tokens vs {} in the target's", theirs.vocab_size(), ours.vocab_size());
+    }
+    for id in 0..ours.vocab_size() as u32 {
+        let (a, b) = (ours.token_text(id), theirs.token_text(id));
+        if a != b {
+            bail!("token {id} is {:?} there but {:?} in the target's", b.unwrap_or_default(), a.unwrap_or_default());
+        }
+    }
+    Ok(())
 }
 
 /// Log-softmax value of `target` in `logits` (computed in f64).
@@ -122,7 +156,23 @@ impl Session {
         }
         let n_ctx = if n_ctx == 0 { model.n_ctx_train.min(8192) } else { n_ctx };
         let slot = backend.create_slot(model.handle, n_ctx as u32)?;
-        Ok(Session { backend, model, tok, slot, n_ctx, cached: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK })
+        Ok(Session { backend, model, tok, slot, n_ctx, cached: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK, drafter: None })
+    }
+
+    /// Installs the drafter [`Session::generate`] uses, after checking that its vocabulary
+    /// (if it has one) is the target model's: same size and the same text for every id.
+    pub fn set_drafter(&mut self, d: Option<Box<dyn Drafter>>) -> Result<()> {
+        if let Some(d) = &d {
+            if let Some(path) = d.vocabulary() {
+                let file = ModelFile::open(&path).with_context(|| format!("drafter '{}': cannot open its model {}", d.name(), path.display()))?;
+                let theirs = Tok::for_model(&path, &file)?;
+                check_same_vocab(&self.tok, &theirs).map_err(|e| {
+                    anyhow!("drafter '{}' uses {}, whose vocabulary is not compatible with the target model's: {e}", d.name(), path.display())
+                })?;
+            }
+        }
+        self.drafter = d;
+        Ok(())
     }
 
     /// Drops the cache.
@@ -166,67 +216,6 @@ impl Session {
         self.cached.truncate(common);
         let logits = self.feed(&prompt[common..], true)?;
         Ok((logits, prompt.len() - common))
-    }
-
-    /// Generates after `prompt`, calling `on_text` with each new piece of text.
-    pub fn generate(&mut self, prompt: &[u32], p: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
-        let _span = tracing::info_span!("generate", prompt_tokens = prompt.len()).entered();
-        let t0 = Instant::now();
-        let (mut logits, computed) = {
-            let _s = tracing::info_span!("prefill").entered();
-            self.prefill(prompt)?
-        };
-        let mut timings = Timings { prompt_tokens: prompt.len(), prefill_tokens: computed, prefill_ms: t0.elapsed().as_secs_f64() * 1e3, ..Default::default() };
-        let mut sampler = Sampler::new(p.sampling.clone());
-        let mut out: Vec<u32> = Vec::new();
-        let mut text = String::new();
-        let mut emitted = 0usize; // bytes of `text` already streamed
-        let max_stop = p.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        let t1 = Instant::now();
-        let mut finish = "length";
-        let _s = tracing::info_span!("decode").entered();
-        while out.len() < p.max_tokens {
-            let next = sampler.sample(&logits, &self.cached);
-            if p.stop_at_eos && self.tok.is_eos(next) {
-                finish = "stop";
-                break;
-            }
-            out.push(next);
-            text = self.tok.decode(&out)?;
-            if let Some(pos) = p.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(pos);
-                if text.len() > emitted {
-                    on_text(&text[emitted..]);
-                }
-                emitted = text.len();
-                finish = "stop";
-                break;
-            }
-            // Hold back text that could still become a stop string, and incomplete UTF-8
-            // (shown as U+FFFD by the decoder until the rest of the character arrives).
-            let mut safe = text.len().saturating_sub(max_stop.saturating_sub(1));
-            while safe > emitted && !text.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            if !text.ends_with('\u{FFFD}') && safe > emitted {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
-            if out.len() >= p.max_tokens {
-                break;
-            }
-            if self.cached.len() + 1 >= self.n_ctx {
-                finish = "context_full";
-                break;
-            }
-            logits = self.feed(&[next], true)?;
-        }
-        if text.len() > emitted {
-            on_text(&text[emitted..]);
-        }
-        timings.generated_tokens = out.len();
-        timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
-        Ok(Generation { text, tokens: out, finish_reason: finish.to_string(), timings })
     }
 
     /// Perplexity over non-overlapping windows of `ctx` tokens; every token of a window but

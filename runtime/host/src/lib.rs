@@ -7,4 +7,5 @@ pub mod config;
 pub mod engine;
 pub mod plugins;
 pub mod sampling;
+pub mod spec;
 pub mod tokenizer;

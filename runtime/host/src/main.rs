@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use coordgen::chat::Message;
-use coordgen::config::PluginsConfig;
+use coordgen::config::{resolve_model, PluginsConfig};
 use coordgen::engine::{GenerateParams, Session};
 use coordgen::plugins;
 use coordgen::sampling::SamplingParams;
@@ -100,6 +100,13 @@ struct SampleArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Drafter plugin(s) for speculative decoding: a name from plugins.toml, several joined
+    /// by ',' (asked in order), or 'none' (default: the `drafter` key of plugins.toml).
+    #[arg(long)]
+    drafter: Option<String>,
+    /// Deepest draft to verify per step.
+    #[arg(long, default_value_t = 8)]
+    max_draft_depth: u32,
 }
 
 #[derive(Args)]
@@ -152,24 +159,6 @@ struct PplArgs {
     per_token: bool,
 }
 
-fn models_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("COORDGEN_MODELS") {
-        return PathBuf::from(d);
-    }
-    PathBuf::from("models")
-}
-
-/// Resolves the default model names to files under the models directory.
-fn resolve_model(m: &str) -> PathBuf {
-    let file = match m {
-        "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "qwen-0.5b" => "qwen2.5-coder-0.5b-instruct.gguf",
-        "qwen-1.5b" => "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        _ => return PathBuf::from(m),
-    };
-    models_dir().join(file)
-}
-
 impl SampleArgs {
     fn params(&self) -> Result<GenerateParams> {
         if self.temp < 0.0 || !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) || self.repeat_penalty <= 0.0 {
@@ -188,8 +177,26 @@ impl SampleArgs {
             },
             stop: self.stop.clone(),
             stop_at_eos: !self.ignore_eos,
+            max_draft_depth: self.max_draft_depth.max(1),
+            ..Default::default()
         })
     }
+}
+
+/// Installs the drafter asked for on the command line (`none` = plain), or else the
+/// configuration's default drafter.
+fn attach_drafter(config: &Option<PathBuf>, s: &mut Session, cli: Option<&str>) -> Result<()> {
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    let spec = match cli {
+        Some("none") | Some("plain") => None,
+        Some(x) => Some(x.to_string()),
+        None => cfg.drafter.clone(),
+    };
+    if let Some(spec) = spec {
+        let d = plugins::load_drafters(&cfg, &spec)?;
+        s.set_drafter(Some(d))?;
+    }
+    Ok(())
 }
 
 fn open_session(config: &Option<PathBuf>, m: &ModelArgs) -> Result<Session> {
@@ -225,6 +232,7 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
     };
     let params = a.sample.params()?;
     let mut s = open_session(config, &a.model)?;
+    attach_drafter(config, &mut s, a.sample.drafter.as_deref())?;
     let prompt_text = if a.chat {
         let mut msgs = Vec::new();
         if let Some(sys) = &a.system {
@@ -259,11 +267,15 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
                 "decode_ms": g.timings.decode_ms,
                 "decode_tps": g.timings.decode_tps(),
             },
+            "speculative": g.spec,
         });
         println!("{v}");
     } else {
         println!();
         eprintln!("{}", g.timings.summary());
+        if let Some(sp) = &g.spec {
+            eprintln!("{}", coordgen::spec::run::summary(sp));
+        }
     }
     Ok(())
 }
@@ -271,6 +283,7 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
 fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
     let params = a.sample.params()?;
     let mut s = open_session(config, &a.model)?;
+    attach_drafter(config, &mut s, a.sample.drafter.as_deref())?;
     let mut msgs = Vec::new();
     if let Some(sys) = &a.system {
         msgs.push(Message::new("system", sys));

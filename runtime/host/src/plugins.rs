@@ -74,12 +74,33 @@ pub trait Backend: Send {
     fn stats_json(&self) -> String;
 }
 
-/// The native drafter trait (no drafter plugin ships yet; the speculative engine uses it).
+/// A proposed token tree (see the interface crate for the parent-array form).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Draft {
+    pub tokens: Vec<u32>,
+    pub parents: Vec<i32>,
+    pub scores: Vec<f32>,
+}
+
+/// The outcome of one verification step, as drafters see it.
+#[derive(Clone, Debug, Default)]
+pub struct Feedback {
+    /// Tokens appended to the sequence by the step (accepted drafts, then the target's token).
+    pub accepted: Vec<u32>,
+    pub n_accepted_draft: u32,
+    pub n_drafted: u32,
+    /// Accepted draft node indices, root to leaf.
+    pub accepted_nodes: Vec<u32>,
+}
+
+/// The native drafter trait the speculative engine uses.
 pub trait Drafter: Send {
     fn name(&self) -> &str;
     fn begin(&mut self, prompt: &[u32]) -> PResult<()>;
-    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<(Vec<u32>, Vec<i32>)>;
-    fn observe(&mut self, accepted: &[u32], n_accepted_draft: u32, n_drafted: u32) -> PResult<()>;
+    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<Draft>;
+    fn observe(&mut self, feedback: &Feedback) -> PResult<()>;
+    /// Model file whose vocabulary the drafter's ids come from (`None` = token-agnostic).
+    fn vocabulary(&self) -> Option<PathBuf>;
     fn finish(&mut self) -> PResult<()>;
 }
 
@@ -159,14 +180,62 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
 /// Loads a drafter plugin named in the config.
 pub fn load_drafter(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Drafter>, LoadedInfo)> {
     let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {}", cfg.source)))?;
+    if entry.kind != "drafter" {
+        return Err(load_err(name, format!("is a {} plugin, not a drafter", entry.kind)));
+    }
     let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(name, e.to_string()))?;
     let header = open_header(entry, &path, "coordgen_drafter")?;
     let module = header.init_root_module::<DrafterModRef>().map_err(|e| load_err(name, version_msg(e)))?;
     let info = check_info(entry, &path, &(module.info())())?;
-    let obj = (module.create())(RStr::from(options_json(entry).as_str()))
+    let options = drafter_options(cfg, entry)?;
+    let obj = (module.create())(RStr::from(options.as_str()))
         .into_result()
         .map_err(|e| load_err(name, format!("could not start: {e}")))?;
     Ok((Box::new(ForeignDrafter { name: entry.name.clone(), obj }), info))
+}
+
+/// Loads the drafter(s) named by `spec`: one plugin name, or several joined by `,` which are
+/// combined into a [`crate::spec::Chain`] (asked in order, the first draft wins).
+pub fn load_drafters(cfg: &PluginsConfig, spec: &str) -> PResult<Box<dyn Drafter>> {
+    let mut parts = Vec::new();
+    for name in spec.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        parts.push(load_drafter(cfg, name)?.0);
+    }
+    match parts.len() {
+        0 => Err(load_err(spec, "no drafter named")),
+        1 => Ok(parts.pop().expect("one")),
+        _ => Ok(Box::new(crate::spec::Chain::new(parts))),
+    }
+}
+
+/// A drafter's options with host facts filled in: `model` aliases resolved to files, a
+/// `backend` plugin name resolved to `backend_library` (its path) and `backend_options`, and
+/// `cache_dir` defaulted to the host's cache directory.
+fn drafter_options(cfg: &PluginsConfig, entry: &PluginEntry) -> PResult<String> {
+    let mut o: serde_json::Map<String, serde_json::Value> = serde_json::to_value(&entry.options)
+        .ok()
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default();
+    if let Some(m) = o.get("model").and_then(|v| v.as_str()) {
+        let p = crate::config::resolve_model(m);
+        if !p.exists() {
+            return Err(load_err(&entry.name, format!("draft model {} not found (run scripts/fetch_models.sh)", p.display())));
+        }
+        let p = std::fs::canonicalize(&p).unwrap_or(p);
+        o.insert("model".into(), p.display().to_string().into());
+    }
+    if let Some(b) = o.get("backend").and_then(|v| v.as_str()).map(str::to_string) {
+        let be = cfg.entry(&b).filter(|e| e.kind == "backend").ok_or_else(|| {
+            load_err(&entry.name, format!("option backend = '{b}' does not name a backend plugin of {}", cfg.source))
+        })?;
+        let lib = resolve_library(be, &cfg.base_dir).map_err(|e| load_err(&entry.name, e.to_string()))?;
+        o.insert("backend_library".into(), lib.display().to_string().into());
+        o.insert("backend_options".into(), serde_json::to_value(&be.options).unwrap_or_default());
+    }
+    if !o.contains_key("cache_dir") {
+        o.insert("cache_dir".into(), crate::config::cache_dir().display().to_string().into());
+    }
+    Ok(serde_json::Value::Object(o).to_string())
 }
 
 /// Loads every plugin of the config and reports what each is (for `coordgen plugins`).
@@ -302,15 +371,24 @@ impl Drafter for ForeignDrafter {
         let r = self.obj.begin(RSlice::from_slice(prompt));
         self.call(r)
     }
-    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<(Vec<u32>, Vec<i32>)> {
+    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<Draft> {
         let r = self.obj.propose(RSlice::from_slice(sequence), DraftBudget { max_nodes, max_depth });
         let t = self.call(r)?;
-        Ok((t.tokens.into_vec(), t.parents.into_vec()))
+        Ok(Draft { tokens: t.tokens.into_vec(), parents: t.parents.into_vec(), scores: t.scores.into_vec() })
     }
-    fn observe(&mut self, accepted: &[u32], n_accepted_draft: u32, n_drafted: u32) -> PResult<()> {
-        let fb = DraftFeedback { accepted: RVec::from_slice(accepted), n_accepted_draft, n_drafted };
+    fn observe(&mut self, f: &Feedback) -> PResult<()> {
+        let fb = DraftFeedback {
+            accepted: RVec::from_slice(&f.accepted),
+            n_accepted_draft: f.n_accepted_draft,
+            n_drafted: f.n_drafted,
+            accepted_nodes: RVec::from_slice(&f.accepted_nodes),
+        };
         let r = self.obj.observe(&fb);
         self.call(r)
+    }
+    fn vocabulary(&self) -> Option<PathBuf> {
+        let v = self.obj.vocabulary().into_string();
+        (!v.is_empty()).then(|| PathBuf::from(v))
     }
     fn finish(&mut self) -> PResult<()> {
         let r = self.obj.finish();

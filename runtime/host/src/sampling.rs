@@ -141,6 +141,11 @@ impl Sampler {
         cand[..keep].iter().zip(&probs[..keep]).map(|(c, p)| (c.0, p / total)).collect()
     }
 
+    /// The sampler's random stream (speculative acceptance draws from it too).
+    pub fn rng(&mut self) -> &mut Rng {
+        &mut self.rng
+    }
+
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let dist = self.distribution(logits, history);
         if dist.len() == 1 {

@@ -4,6 +4,11 @@
 //! A draft is a tree in parent-array form: node `i` has token `tokens[i]` and parent
 //! `parents[i]` (`-1` = attached to the last accepted token; otherwise an earlier node
 //! index, so parents always precede children). A linear draft is the one-branch case.
+//! Sibling tokens should be distinct (the host ignores repeated siblings).
+//!
+//! Call order per request: `begin(prompt)`, then any number of `propose` / `observe` pairs
+//! (`propose` may also be followed by another `propose` when the host skipped verification),
+//! then `finish`. `propose` returns an empty tree when the drafter has nothing to offer.
 
 use abi_stable::sabi_trait;
 use abi_stable::std_types::{RBox, RResult, RSlice, RStr, RString, RVec};
@@ -42,6 +47,9 @@ pub struct DraftFeedback {
     pub n_accepted_draft: u32,
     /// How many nodes were drafted.
     pub n_drafted: u32,
+    /// Indices of the accepted draft nodes, root to leaf (so position `d` of the accepted
+    /// path is `accepted_nodes[d]`; per-depth acceptance follows from its length).
+    pub accepted_nodes: RVec<u32>,
 }
 
 #[sabi_trait]
@@ -54,6 +62,11 @@ pub trait DrafterFfi: Send {
 
     /// Reports the outcome of the last proposal.
     fn observe(&mut self, feedback: &DraftFeedback) -> RResult<(), RString>;
+
+    /// Path of the model file whose tokenizer this drafter's token ids come from, or an
+    /// empty string when the drafter is token-agnostic (it only copies ids it was given).
+    /// The host refuses a drafter whose vocabulary differs from the target model's.
+    fn vocabulary(&self) -> RString;
 
     /// Ends the request (drafters may persist what they learned).
     #[sabi(last_prefix_field)]

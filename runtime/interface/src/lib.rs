@@ -15,18 +15,20 @@
 
 pub mod backend;
 pub mod drafter;
+pub mod drafter_kit;
 pub mod scheduler;
 
 pub use abi_stable;
 pub use backend::*;
 pub use drafter::*;
+pub use drafter_kit::*;
 pub use scheduler::*;
 
 use abi_stable::std_types::{RResult, RString};
 use abi_stable::StableAbi;
 
 /// Version of the plugin contract. Bumped on any semantic change of the traits below.
-pub const INTERFACE_VERSION: u32 = 1;
+pub const INTERFACE_VERSION: u32 = 2;
 
 /// What kind of plugin a library holds.
 #[repr(u8)]

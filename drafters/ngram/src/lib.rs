@@ -1,0 +1,124 @@
+//! The n-gram drafter plugin. Two sources, asked in order:
+//! - prompt lookup: the last `n` tokens (n from `max_ngram` down to `min_ngram`) are searched
+//!   in the prompt and the text generated so far; the continuations after the most recent
+//!   matches of the longest matching `n` become the branches of a token tree;
+//! - an online n-gram cache: counts of which token followed each pair of tokens in accepted
+//!   output, kept across requests and saved to a file in the cache directory at the end of
+//!   each request, used when lookup finds nothing.
+
+pub mod cache;
+pub mod lookup;
+
+use std::path::PathBuf;
+
+use coordgen_interface::{DraftBudget, DraftFeedback, DraftSource, DraftTree, TreeBuilder};
+use serde::Deserialize;
+
+use cache::NgramCache;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Options {
+    #[serde(default = "d_max_ngram")]
+    max_ngram: usize,
+    #[serde(default = "d_min_ngram")]
+    min_ngram: usize,
+    /// Distinct continuations merged into the tree.
+    #[serde(default = "d_branches")]
+    branches: usize,
+    /// Use (and save) the online n-gram cache.
+    #[serde(default = "d_true")]
+    cache: bool,
+    cache_dir: Option<PathBuf>,
+    #[serde(default = "d_cache_file")]
+    cache_file: String,
+}
+
+fn d_max_ngram() -> usize {
+    4
+}
+fn d_min_ngram() -> usize {
+    1
+}
+fn d_branches() -> usize {
+    3
+}
+fn d_true() -> bool {
+    true
+}
+fn d_cache_file() -> String {
+    "ngram-cache.bin".into()
+}
+
+pub struct NgramDrafter {
+    opts: Options,
+    cache: Option<NgramCache>,
+    cache_path: Option<PathBuf>,
+    prompt_len: usize,
+    /// Sequence positions already counted into the cache.
+    learned: usize,
+}
+
+pub fn create(options: &str) -> Result<NgramDrafter, String> {
+    let opts: Options = serde_json::from_str(if options.trim().is_empty() { "{}" } else { options })
+        .map_err(|e| format!("n-gram drafter options: {e}"))?;
+    if opts.min_ngram == 0 || opts.min_ngram > opts.max_ngram {
+        return Err(format!("n-gram drafter options: need 1 <= min_ngram <= max_ngram (got {} and {})", opts.min_ngram, opts.max_ngram));
+    }
+    let (cache, cache_path) = if opts.cache {
+        let path = opts.cache_dir.as_ref().map(|d| d.join(&opts.cache_file));
+        let c = match &path {
+            Some(p) if p.exists() => NgramCache::load(p)?,
+            _ => NgramCache::default(),
+        };
+        (Some(c), path)
+    } else {
+        (None, None)
+    };
+    Ok(NgramDrafter { opts, cache, cache_path, prompt_len: 0, learned: 0 })
+}
+
+impl DraftSource for NgramDrafter {
+    fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
+        self.prompt_len = prompt.len();
+        self.learned = prompt.len();
+        Ok(())
+    }
+
+    fn propose(&mut self, seq: &[u32], budget: DraftBudget) -> Result<DraftTree, String> {
+        if let Some(c) = &mut self.cache {
+            // Learn from output only (the prompt is the user's text, not the model's).
+            let from = self.learned.max(self.prompt_len).max(2);
+            for i in from..seq.len() {
+                c.add(seq[i - 2], seq[i - 1], seq[i]);
+            }
+            self.learned = seq.len();
+        }
+        let mut tb = TreeBuilder::new(budget);
+        let depth = budget.max_depth as usize;
+        let conts = lookup::continuations(seq, self.opts.min_ngram, self.opts.max_ngram, depth, self.opts.branches);
+        for (k, c) in conts.iter().enumerate() {
+            tb.insert_path(c, 1.0 / (k + 1) as f32);
+        }
+        if tb.is_empty() {
+            if let (Some(c), true) = (&self.cache, seq.len() >= 2) {
+                let path = c.greedy_chain(seq[seq.len() - 2], seq[seq.len() - 1], depth);
+                tb.insert_path(&path, 0.5);
+            }
+        }
+        Ok(tb.build())
+    }
+
+    fn observe(&mut self, _f: &DraftFeedback) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        if let (Some(c), Some(p)) = (&mut self.cache, &self.cache_path) {
+            c.save(p)?;
+        }
+        Ok(())
+    }
+}
+
+coordgen_interface::export_drafter!("ngram", "prompt lookup and an online n-gram cache", create);

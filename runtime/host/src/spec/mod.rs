@@ -1,0 +1,13 @@
+//! Speculative generation: draft trees from drafter plugins, verified in one forward of the
+//! target model, accepted losslessly. `tree` checks and lays out drafts and decides
+//! acceptance, `policy` sizes each step's draft, `stage` runs drafters on their own thread,
+//! `emit` streams accepted text, `run` is the generation loop.
+
+pub mod emit;
+pub mod policy;
+pub mod run;
+pub mod stage;
+pub mod tree;
+
+pub use run::SpecStats;
+pub use stage::Chain;

@@ -1,0 +1,244 @@
+//! Generation: prefill, then verification steps. Each step asks the draft stage for a token
+//! tree (sized by the [`Policy`]), verifies the pending token plus the whole tree in one
+//! forward, keeps the accepted path in the KV cache (rejected entries are dropped), and
+//! streams the accepted tokens. With no drafter, or when drafts do not pay, a step is a
+//! plain one-token decode, so plain generation is the same loop with empty trees.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::emit::Emitter;
+use super::policy::{Budget, Policy};
+use super::stage::DraftStage;
+use super::tree::{self, Tree};
+use crate::engine::{GenerateParams, Generation, Session, Timings};
+use crate::plugins::{Drafter, Feedback, Forward};
+use crate::sampling::Sampler;
+
+/// What speculation did during one request.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SpecStats {
+    pub drafter: String,
+    /// Verification forwards (each also produces the target's own token).
+    pub steps: u64,
+    /// Steps that verified a non-empty draft.
+    pub draft_steps: u64,
+    pub drafted: u64,
+    /// Drafted tokens accepted.
+    pub accepted: u64,
+    /// Mean drafted tokens accepted per verification step.
+    pub mean_accepted: f64,
+    /// Mean tokens produced per verification step (accepted drafts + the target's token).
+    pub tokens_per_step: f64,
+    /// Per draft depth d (index d-1): steps whose draft reached depth d with depth d-1 accepted,
+    /// and how many of those accepted depth d.
+    pub offered_by_depth: Vec<u64>,
+    pub accepted_by_depth: Vec<u64>,
+    pub acceptance_by_depth: Vec<f64>,
+    pub draft_ms: f64,
+    pub verify_ms: f64,
+    pub accept_ms: f64,
+    /// Set when the drafter failed and the request went on with plain decoding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drafter_error: Option<String>,
+}
+
+impl SpecStats {
+    fn finish(&mut self) {
+        if self.steps > 0 {
+            self.mean_accepted = self.accepted as f64 / self.steps as f64;
+            self.tokens_per_step = (self.accepted + self.steps) as f64 / self.steps as f64;
+        }
+        self.acceptance_by_depth =
+            self.offered_by_depth.iter().zip(&self.accepted_by_depth).map(|(&o, &a)| if o > 0 { a as f64 / o as f64 } else { 0.0 }).collect();
+    }
+    fn record(&mut self, t: &Tree, n_accepted: usize) {
+        self.steps += 1;
+        if t.is_empty() {
+            return;
+        }
+        self.draft_steps += 1;
+        self.drafted += t.len() as u64;
+        self.accepted += n_accepted as u64;
+        let reached = (n_accepted as u32 + 1).min(t.max_depth()) as usize;
+        if self.offered_by_depth.len() < reached {
+            self.offered_by_depth.resize(reached, 0);
+            self.accepted_by_depth.resize(reached, 0);
+        }
+        for d in 0..reached {
+            self.offered_by_depth[d] += 1;
+            if d < n_accepted {
+                self.accepted_by_depth[d] += 1;
+            }
+        }
+    }
+}
+
+/// One line for humans: acceptance and time per stage.
+pub fn summary(s: &SpecStats) -> String {
+    let acc: Vec<String> = s.acceptance_by_depth.iter().map(|a| format!("{:.0}%", a * 100.0)).collect();
+    let mut line = format!(
+        "drafter {}: {} steps, {} drafted, {} accepted, {:.2} accepted per step ({:.2} tokens per step); acceptance by depth [{}]; draft {:.0} ms, verify {:.0} ms, accept {:.0} ms",
+        s.drafter, s.steps, s.drafted, s.accepted, s.mean_accepted, s.tokens_per_step, acc.join(" "), s.draft_ms, s.verify_ms, s.accept_ms
+    );
+    if let Some(e) = &s.drafter_error {
+        line.push_str(&format!("; drafter failed: {e}"));
+    }
+    line
+}
+
+impl Session {
+    /// Generates after `prompt` (with the session's drafter, if any), calling `on_text` with
+    /// each new piece of text as soon as its tokens are accepted.
+    pub fn generate(&mut self, prompt: &[u32], p: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+        let drafter = self.drafter.take();
+        let (back, r) = self.run(prompt, p, drafter, on_text);
+        self.drafter = back;
+        r
+    }
+
+    fn run(
+        &mut self,
+        prompt: &[u32],
+        p: &GenerateParams,
+        drafter: Option<Box<dyn Drafter>>,
+        on_text: &mut dyn FnMut(&str),
+    ) -> (Option<Box<dyn Drafter>>, Result<Generation>) {
+        let _span = tracing::info_span!("generate", prompt_tokens = prompt.len()).entered();
+        let t0 = Instant::now();
+        // The drafter's begin (indexing the prompt, or a draft model's prefill) runs on its
+        // own thread while the target prefills.
+        let mut stage = drafter.map(|d| DraftStage::start(d, prompt));
+        let mut stats = SpecStats { drafter: stage.as_ref().map(|s| s.name().to_string()).unwrap_or_default(), ..Default::default() };
+        let prefill = {
+            let _s = tracing::info_span!("prefill").entered();
+            self.prefill(prompt)
+        };
+        let (logits, computed) = match prefill {
+            Ok(x) => x,
+            Err(e) => return (stage.and_then(|s| s.stop().0), Err(e)),
+        };
+        let mut timings = Timings { prompt_tokens: prompt.len(), prefill_tokens: computed, prefill_ms: t0.elapsed().as_secs_f64() * 1e3, ..Default::default() };
+        let mut sampler = Sampler::new(p.sampling.clone());
+        let mut em = Emitter::new(&self.tok, &p.stop, p.stop_at_eos, p.max_tokens);
+        let t1 = Instant::now();
+        let mut returned: Option<Box<dyn Drafter>> = None;
+        let r = (|| -> Result<()> {
+            let _s = tracing::info_span!("decode").entered();
+            let mut pending = sampler.sample(&logits, &self.cached);
+            if !em.push(pending, on_text)? {
+                return Ok(());
+            }
+            let nv = self.model.n_vocab;
+            let mut policy = Policy::new(p.max_draft_depth, p.max_draft_width);
+            loop {
+                if p.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    em.finish = Some("cancelled");
+                    return Ok(());
+                }
+                let base = self.cached.len();
+                if base + 1 >= self.n_ctx {
+                    em.finish = Some("context_full");
+                    return Ok(());
+                }
+                // Room for draft nodes behind the pending token.
+                let room = (self.n_ctx - base - 2) as u32;
+                let budget = if stage.is_some() { policy.plan() } else { Budget { depth: 0, nodes: 0 } };
+                let mut tree = Tree::default();
+                if budget.depth > 0 && room > 0 {
+                    let s = stage.as_mut().expect("stage");
+                    let mut seq = Vec::with_capacity(base + 1);
+                    seq.extend_from_slice(&self.cached);
+                    seq.push(pending);
+                    let nodes = budget.nodes.min(room);
+                    let checked = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string()).and_then(|(d, ms)| {
+                        stats.draft_ms += ms;
+                        let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
+                        policy.record_draft(t.max_depth(), ms);
+                        Ok(t)
+                    });
+                    match checked {
+                        Ok(t) => tree = t,
+                        Err(e) => {
+                            // A failing drafter never costs a wrong token: finish plainly.
+                            tracing::warn!(drafter = %stats.drafter, error = %e, "drafter failed; continuing with plain decoding");
+                            eprintln!("warning: drafter '{}' failed ({e}); continuing with plain decoding", stats.drafter);
+                            stats.drafter_error = Some(e);
+                            returned = stage.take().and_then(|s| s.stop().0);
+                        }
+                    }
+                }
+                let (tokens, positions, mask) = tree::batch(pending, base as u32, &tree);
+                let w = tokens.len();
+                let rows: Vec<u32> = (0..w as u32).collect();
+                let tv = Instant::now();
+                let logits = {
+                    let _s = tracing::debug_span!("verify", width = w).entered();
+                    let mask: &[u8] = if w == 1 { &[] } else { &mask };
+                    self.backend.forward(&Forward { slot: self.slot, tokens: &tokens, positions: &positions, mask, logit_rows: &rows })?
+                };
+                let verify_ms = tv.elapsed().as_secs_f64() * 1e3;
+                stats.verify_ms += verify_ms;
+                let ta = Instant::now();
+                self.cached.push(pending);
+                let v = {
+                    let _s = tracing::debug_span!("accept").entered();
+                    tree::accept(&tree, &logits, nv, &self.cached, &mut sampler)
+                };
+                if !tree.is_empty() {
+                    let keep: Vec<u32> = std::iter::once(0).chain(v.accepted.iter().map(|&i| i as u32 + 1)).collect();
+                    self.backend.keep_entries(self.slot, base as u32, &keep)?;
+                }
+                let mut new_tokens: Vec<u32> = v.accepted.iter().map(|&i| tree.tokens[i]).collect();
+                self.cached.extend_from_slice(&new_tokens);
+                new_tokens.push(v.next);
+                stats.accept_ms += ta.elapsed().as_secs_f64() * 1e3;
+                stats.record(&tree, v.accepted.len());
+                policy.record(tree.max_depth(), v.accepted.len() as u32, w, verify_ms);
+                let mut go = true;
+                for &t in &new_tokens {
+                    if !em.push(t, on_text)? {
+                        go = false;
+                        break;
+                    }
+                }
+                if let Some(s) = stage.as_mut() {
+                    let fb = Feedback {
+                        accepted: new_tokens.clone(),
+                        n_accepted_draft: v.accepted.len() as u32,
+                        n_drafted: tree.len() as u32,
+                        accepted_nodes: v.accepted.iter().map(|&i| tree.origin[i]).collect(),
+                    };
+                    if let Err(e) = s.observe(fb) {
+                        stats.drafter_error = Some(e.to_string());
+                    }
+                }
+                if !go {
+                    return Ok(());
+                }
+                pending = v.next;
+            }
+        })();
+        em.flush(on_text);
+        if let Some(s) = stage.take() {
+            let (d, fin) = s.stop();
+            if let Err(e) = fin {
+                tracing::warn!(error = %e, "drafter reported an error");
+                stats.drafter_error.get_or_insert(e.to_string());
+            }
+            returned = d;
+        }
+        if let Err(e) = r {
+            return (returned, Err(e));
+        }
+        timings.generated_tokens = em.tokens.len();
+        timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
+        stats.finish();
+        let spec = (!stats.drafter.is_empty()).then_some(stats);
+        let g = Generation { text: em.text.clone(), tokens: em.tokens.clone(), finish_reason: em.finish.unwrap_or("length").to_string(), timings, spec };
+        (returned, Ok(g))
+    }
+}

@@ -1,0 +1,187 @@
+//! The draft stage: a drafter running on its own thread, fed by crossbeam channels, so its
+//! `begin` (indexing the prompt, or prefilling a draft model) overlaps the target's prefill
+//! and its bookkeeping after each step overlaps the host's. Also [`Chain`], which combines
+//! drafters: the first one with a draft wins, all of them see what was accepted.
+
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
+
+use crate::plugins::{Draft, Drafter, Feedback, PResult, PluginError};
+
+enum Cmd {
+    Begin(Vec<u32>),
+    Propose { sequence: Vec<u32>, nodes: u32, depth: u32 },
+    Observe(Feedback),
+}
+
+enum Reply {
+    Begun(PResult<()>),
+    Draft(PResult<Draft>, f64),
+    Observed(PResult<()>),
+}
+
+/// A drafter on its own thread for the length of one request.
+pub struct DraftStage {
+    name: String,
+    tx: Option<Sender<Cmd>>,
+    rx: Receiver<Reply>,
+    handle: Option<JoinHandle<Box<dyn Drafter>>>,
+    begun: bool,
+}
+
+fn gone(name: &str) -> PluginError {
+    PluginError::Call { plugin: name.to_string(), message: "the draft stage stopped unexpectedly".into() }
+}
+
+impl DraftStage {
+    /// Starts the stage and sends `begin(prompt)` at once (its result is awaited by the
+    /// first [`propose`](Self::propose)).
+    pub fn start(mut drafter: Box<dyn Drafter>, prompt: &[u32]) -> DraftStage {
+        let name = drafter.name().to_string();
+        let (tx, crx) = unbounded::<Cmd>();
+        let (rtx, rx) = unbounded::<Reply>();
+        let handle = std::thread::Builder::new()
+            .name(format!("draft-{name}"))
+            .spawn(move || {
+                for cmd in crx {
+                    let reply = match cmd {
+                        Cmd::Begin(p) => {
+                            let _s = tracing::info_span!("draft_begin", prompt_tokens = p.len()).entered();
+                            Reply::Begun(drafter.begin(&p))
+                        }
+                        Cmd::Propose { sequence, nodes, depth } => {
+                            let _s = tracing::debug_span!("draft", nodes, depth).entered();
+                            let t = Instant::now();
+                            let d = drafter.propose(&sequence, nodes, depth);
+                            Reply::Draft(d, t.elapsed().as_secs_f64() * 1e3)
+                        }
+                        Cmd::Observe(f) => Reply::Observed(drafter.observe(&f)),
+                    };
+                    if rtx.send(reply).is_err() {
+                        break;
+                    }
+                }
+                drafter
+            })
+            .expect("spawning the draft thread");
+        let _ = tx.send(Cmd::Begin(prompt.to_vec()));
+        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), begun: false }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for replies until `want` matches; an error reply (or a lost stage) is returned.
+    fn wait<T>(&mut self, want: impl Fn(Reply) -> Option<PResult<T>>) -> PResult<T> {
+        loop {
+            let r = self.rx.recv().map_err(|_| gone(&self.name))?;
+            match r {
+                Reply::Begun(Err(e)) | Reply::Observed(Err(e)) => return Err(e),
+                Reply::Begun(Ok(())) => self.begun = true,
+                other => {
+                    if let Some(v) = want(other) {
+                        return v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks for a draft continuing `sequence`; returns it with the drafter's time in ms.
+    pub fn propose(&mut self, sequence: &[u32], nodes: u32, depth: u32) -> PResult<(Draft, f64)> {
+        let tx = self.tx.as_ref().ok_or_else(|| gone(&self.name))?;
+        tx.send(Cmd::Propose { sequence: sequence.to_vec(), nodes, depth }).map_err(|_| gone(&self.name))?;
+        self.wait(|r| match r {
+            Reply::Draft(d, ms) => Some(d.map(|d| (d, ms))),
+            _ => None,
+        })
+    }
+
+    /// Reports a step's outcome (errors surface at the next call).
+    pub fn observe(&mut self, f: Feedback) -> PResult<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| gone(&self.name))?;
+        tx.send(Cmd::Observe(f)).map_err(|_| gone(&self.name))
+    }
+
+    /// Stops the thread and hands the drafter back (None if its thread died), with the
+    /// result of `finish()` on it.
+    pub fn stop(mut self) -> (Option<Box<dyn Drafter>>, PResult<()>) {
+        drop(self.tx.take());
+        let mut first_err = Ok(());
+        while let Ok(r) = self.rx.recv() {
+            if let Reply::Begun(Err(e)) | Reply::Observed(Err(e)) = r {
+                if first_err.is_ok() {
+                    first_err = Err(e);
+                }
+            }
+        }
+        let d = self.handle.take().and_then(|h| h.join().ok());
+        match d {
+            Some(mut d) => {
+                let fin = d.finish();
+                (Some(d), first_err.and(fin))
+            }
+            None => (None, Err(gone(&self.name))),
+        }
+    }
+}
+
+/// Several drafters asked in order; the first non-empty draft is used.
+pub struct Chain {
+    name: String,
+    parts: Vec<Box<dyn Drafter>>,
+    last: Option<usize>,
+}
+
+impl Chain {
+    pub fn new(parts: Vec<Box<dyn Drafter>>) -> Chain {
+        let name = parts.iter().map(|p| p.name()).collect::<Vec<_>>().join(",");
+        Chain { name, parts, last: None }
+    }
+}
+
+impl Drafter for Chain {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn begin(&mut self, prompt: &[u32]) -> PResult<()> {
+        self.parts.iter_mut().try_for_each(|p| p.begin(prompt))
+    }
+    fn propose(&mut self, sequence: &[u32], max_nodes: u32, max_depth: u32) -> PResult<Draft> {
+        self.last = None;
+        for (i, p) in self.parts.iter_mut().enumerate() {
+            let d = p.propose(sequence, max_nodes, max_depth)?;
+            if !d.tokens.is_empty() {
+                self.last = Some(i);
+                return Ok(d);
+            }
+        }
+        Ok(Draft::default())
+    }
+    fn observe(&mut self, f: &Feedback) -> PResult<()> {
+        for (i, p) in self.parts.iter_mut().enumerate() {
+            if Some(i) == self.last {
+                p.observe(f)?;
+            } else {
+                p.observe(&Feedback { accepted: f.accepted.clone(), ..Default::default() })?;
+            }
+        }
+        Ok(())
+    }
+    fn vocabulary(&self) -> Option<std::path::PathBuf> {
+        self.parts.iter().find_map(|p| p.vocabulary())
+    }
+    fn finish(&mut self) -> PResult<()> {
+        let mut r = Ok(());
+        for p in &mut self.parts {
+            let x = p.finish();
+            if r.is_ok() {
+                r = x;
+            }
+        }
+        r
+    }
+}
