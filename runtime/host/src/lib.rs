@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod index;
 pub mod plugins;
 pub mod sampling;
 pub mod spec;

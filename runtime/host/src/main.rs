@@ -31,8 +31,23 @@ enum Cmd {
     Perplexity(PplArgs),
     /// List the plugins of the configuration.
     Plugins,
-    /// Measure forward latency per width, decode and prefill speed, memory bandwidth.
+    /// Measure forward latency per width, decode and prefill speed, memory bandwidth; or run
+    /// a workload of prompts in several decoding modes (--workload).
     Bench(BenchArgs),
+    /// Build a retrieval datastore from a directory of text files.
+    Index(IndexArgs),
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Directory (or file) to index.
+    dir: PathBuf,
+    /// Output datastore file.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Model whose tokenizer to use (the target model).
+    #[arg(long, short, default_value = "qwen-1.5b")]
+    model: String,
 }
 
 #[derive(Args)]
@@ -436,6 +451,13 @@ fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_index(a: IndexArgs) -> Result<()> {
+    let model = resolve_model(&a.model);
+    let r = coordgen::index::build(&a.dir, &model, &a.output)?;
+    println!("indexed {} files ({} skipped as binary or empty): {} tokens -> {}", r.files, r.skipped, r.tokens, a.output.display());
+    Ok(())
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("COORDGEN_LOG").unwrap_or_else(|_| "warn".into()))
@@ -448,6 +470,7 @@ fn main() {
         Cmd::Perplexity(a) => cmd_perplexity(&cli.config, a),
         Cmd::Plugins => cmd_plugins(&cli.config),
         Cmd::Bench(a) => cmd_bench(&cli.config, a),
+        Cmd::Index(a) => cmd_index(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
