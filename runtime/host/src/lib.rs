@@ -10,3 +10,4 @@ pub mod plugins;
 pub mod sampling;
 pub mod spec;
 pub mod tokenizer;
+pub mod workload;

@@ -74,6 +74,18 @@ struct BenchArgs {
     runs: usize,
     #[arg(long)]
     json: bool,
+    /// A JSONL workload ({id, category, prompt} per line) to run in each of --modes.
+    #[arg(long)]
+    workload: Option<PathBuf>,
+    /// Decoding modes for --workload: plain, a drafter name, or drafters joined by '+'.
+    #[arg(long, value_delimiter = ',', default_value = "plain,ngram,retrieval")]
+    modes: Vec<String>,
+    /// New tokens per prompt with --workload.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Only the first N prompts of the workload (0 = all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
 }
 
 #[derive(Args, Clone)]
@@ -394,8 +406,44 @@ fn cmd_plugins(config: &Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path) -> Result<()> {
+    use coordgen::workload;
+    let mut prompts = workload::load(path)?;
+    if a.limit > 0 {
+        prompts.truncate(a.limit);
+    }
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    let mut modes = workload::load_modes(&cfg, &a.modes)?;
+    let mut s = open_session(config, &a.model)?;
+    let json = a.json;
+    let results = workload::run(&mut s, &prompts, &mut modes, a.max_tokens, &mut |r| {
+        let line = format!(
+            "{:<45} {:<14} {:<16} {:>7.2} tok/s  x{:<5.2} accepted/step {:>5.2}  identical {}{}",
+            r.id, r.category, r.mode, r.decode_tps, r.speedup, r.mean_accepted, r.identical_to_plain,
+            r.drafter_error.as_deref().map(|e| format!("  drafter error: {e}")).unwrap_or_default()
+        );
+        if json { eprintln!("{line}") } else { println!("{line}") }
+    })?;
+    let summary = workload::summarize(&results);
+    if json {
+        println!("{}", serde_json::json!({ "model": a.model.model, "max_tokens": a.max_tokens, "results": results, "summary": summary }));
+    } else {
+        println!("\n{:<16} {:<16} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}", "group", "mode", "prompts", "median x", "min x", "tok/s", "acc/step", "identical");
+        for g in &summary {
+            println!("{:<16} {:<16} {:>7} {:>9.2} {:>9.2} {:>10.2} {:>9.2} {:>6}/{}", g.group, g.mode, g.prompts, g.median_speedup, g.min_speedup, g.median_decode_tps, g.mean_accepted, g.identical, g.prompts);
+        }
+    }
+    if results.iter().any(|r| !r.identical_to_plain) {
+        bail!("some speculative outputs differ from plain greedy output");
+    }
+    Ok(())
+}
+
 fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
     use coordgen::bench;
+    if let Some(w) = a.workload.clone() {
+        return cmd_workload(config, &a, &w);
+    }
     let mut m = a.model.clone();
     let need = a.context + a.widths.iter().copied().max().unwrap_or(0) + a.prefill.unwrap_or(0) + a.decode.unwrap_or(0) + 64;
     if m.ctx_size == 0 {

@@ -1,0 +1,264 @@
+//! `coordgen bench --workload`: runs each prompt of a JSONL workload (`{id, category,
+//! prompt}` per line) as a chat request, greedy, in several decoding modes (plain and one
+//! per drafter), and reports per prompt and per category: decode speed, speedup over plain
+//! measured in the same run, mean accepted length, and whether the text equals plain output.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::chat::Message;
+use crate::config::PluginsConfig;
+use crate::engine::{GenerateParams, Session};
+use crate::plugins::{self, Drafter};
+
+/// Categories whose prompts carry the context the output draws on.
+pub const CONTEXT_HEAVY: [&str; 4] = ["summarization", "rag", "code_edit", "extraction"];
+
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    pub id: String,
+    pub category: String,
+    pub prompt: String,
+}
+
+/// Reads a workload file; a malformed line is an error naming the file and line.
+pub fn load(path: &Path) -> Result<Vec<Prompt>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read workload {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{} line {}: not valid JSON", path.display(), i + 1))?;
+        let field = |k: &str| -> Result<String> {
+            v.get(k).and_then(|x| x.as_str()).map(str::to_string).with_context(|| format!("{} line {}: missing string field \"{k}\"", path.display(), i + 1))
+        };
+        out.push(Prompt { id: field("id")?, category: field("category")?, prompt: field("prompt")? });
+    }
+    if out.is_empty() {
+        bail!("workload {} has no prompts", path.display());
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeResult {
+    pub id: String,
+    pub category: String,
+    pub mode: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub decode_tps: f64,
+    /// Decode speed over plain decoding of the same prompt in the same run.
+    pub speedup: f64,
+    /// Drafted tokens accepted per verification step.
+    pub mean_accepted: f64,
+    /// Tokens produced per verification step (accepted drafts + the target's own).
+    pub tokens_per_step: f64,
+    pub identical_to_plain: bool,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    /// Prefill (of the whole prompt, measured once per prompt) plus this mode's decode.
+    pub e2e_ms: f64,
+    /// Process CPU time (all threads) per generated token, seconds.
+    pub cpu_s_per_token: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drafter_error: Option<String>,
+}
+
+/// Process CPU time (user + system) in seconds, from /proc (0 where unavailable).
+pub fn cpu_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = s.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line (11 and 12 after the name).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A decoding mode: `plain`, a drafter name, or drafters joined by `+`.
+pub struct Mode {
+    pub name: String,
+    pub drafter: Option<Box<dyn Drafter>>,
+}
+
+pub fn load_modes(cfg: &PluginsConfig, names: &[String]) -> Result<Vec<Mode>> {
+    let mut modes = Vec::new();
+    for n in names {
+        let drafter = if n == "plain" { None } else { Some(plugins::load_drafters(cfg, &n.replace('+', ","))?) };
+        modes.push(Mode { name: n.clone(), drafter });
+    }
+    if !modes.iter().any(|m| m.name == "plain") {
+        modes.insert(0, Mode { name: "plain".into(), drafter: None });
+    }
+    Ok(modes)
+}
+
+/// Runs every prompt in every mode (plain first, as the reference). `progress` is told
+/// each result as it is measured.
+pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: usize, progress: &mut dyn FnMut(&ModeResult)) -> Result<Vec<ModeResult>> {
+    let params = GenerateParams { max_tokens, ..Default::default() };
+    let mut results = Vec::new();
+    for p in prompts {
+        let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
+        let tokens = s.tok.encode(&text, true)?;
+        // Prefill once, timed, so every mode decodes from the same cached prompt.
+        s.reset()?;
+        let t = std::time::Instant::now();
+        s.prefill(&tokens).with_context(|| format!("prompt {}", p.id))?;
+        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut plain: Option<(Vec<u32>, f64)> = None;
+        for m in modes.iter_mut() {
+            s.set_drafter(m.drafter.take()).with_context(|| format!("mode {}", m.name))?;
+            let cpu0 = cpu_seconds();
+            let g = s.generate(&tokens, &params, &mut |_| {});
+            let cpu = cpu_seconds() - cpu0;
+            m.drafter = s.drafter.take();
+            let g = g.with_context(|| format!("prompt {} in mode {}", p.id, m.name))?;
+            let tps = g.timings.decode_tps();
+            let (identical, speedup) = match &plain {
+                None => {
+                    plain = Some((g.tokens.clone(), tps));
+                    (true, 1.0)
+                }
+                Some((pt, ptps)) => (*pt == g.tokens, if *ptps > 0.0 { tps / ptps } else { 0.0 }),
+            };
+            let spec = g.spec.clone().unwrap_or_default();
+            let r = ModeResult {
+                id: p.id.clone(),
+                category: p.category.clone(),
+                mode: m.name.clone(),
+                prompt_tokens: tokens.len(),
+                generated_tokens: g.tokens.len(),
+                decode_tps: tps,
+                speedup,
+                mean_accepted: spec.mean_accepted,
+                tokens_per_step: if spec.steps > 0 { spec.tokens_per_step } else { 1.0 },
+                identical_to_plain: identical,
+                prefill_ms,
+                decode_ms: g.timings.decode_ms,
+                e2e_ms: prefill_ms + g.timings.decode_ms,
+                cpu_s_per_token: cpu / g.tokens.len().max(1) as f64,
+                drafter_error: spec.drafter_error.clone(),
+            };
+            progress(&r);
+            results.push(r);
+        }
+    }
+    Ok(results)
+}
+
+pub fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupSummary {
+    pub group: String,
+    pub mode: String,
+    pub prompts: usize,
+    pub median_speedup: f64,
+    pub min_speedup: f64,
+    pub median_decode_tps: f64,
+    pub mean_accepted: f64,
+    pub tokens_per_step: f64,
+    pub median_e2e_ms: f64,
+    pub cpu_s_per_token: f64,
+    pub identical: usize,
+}
+
+/// Per category, for the context-heavy group and the others, and over all prompts.
+pub fn summarize(results: &[ModeResult]) -> Vec<GroupSummary> {
+    let mut groups: BTreeMap<(String, String), Vec<&ModeResult>> = BTreeMap::new();
+    for r in results {
+        let heavy = CONTEXT_HEAVY.contains(&r.category.as_str());
+        for g in [r.category.clone(), if heavy { "context_heavy".into() } else { "other".into() }, "all".into()] {
+            groups.entry((g, r.mode.clone())).or_default().push(r);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((group, mode), rs)| {
+            let mut sp: Vec<f64> = rs.iter().map(|r| r.speedup).collect();
+            let mut tps: Vec<f64> = rs.iter().map(|r| r.decode_tps).collect();
+            let mut e2e: Vec<f64> = rs.iter().map(|r| r.e2e_ms).collect();
+            let n = rs.len() as f64;
+            GroupSummary {
+                group,
+                mode,
+                prompts: rs.len(),
+                median_speedup: median(&mut sp),
+                min_speedup: sp.iter().copied().fold(f64::INFINITY, f64::min),
+                median_decode_tps: median(&mut tps),
+                mean_accepted: rs.iter().map(|r| r.mean_accepted).sum::<f64>() / n,
+                tokens_per_step: rs.iter().map(|r| r.tokens_per_step).sum::<f64>() / n,
+                median_e2e_ms: median(&mut e2e),
+                cpu_s_per_token: rs.iter().map(|r| r.cpu_s_per_token).sum::<f64>() / n,
+                identical: rs.iter().filter(|r| r.identical_to_plain).count(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_lines_name_the_line() {
+        let dir = std::env::temp_dir().join(format!("cg-wl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("w.jsonl");
+        std::fs::write(&p, "{\"id\":\"a\",\"category\":\"qa\",\"prompt\":\"hi\"}\n{\"id\": \"b\", \"category\": \n").unwrap();
+        let e = format!("{:#}", load(&p).unwrap_err());
+        assert!(e.contains("line 2") && e.contains("not valid JSON"), "{e}");
+        std::fs::write(&p, "{\"id\":\"a\",\"prompt\":\"hi\"}\n").unwrap();
+        let e = format!("{:#}", load(&p).unwrap_err());
+        assert!(e.contains("line 1") && e.contains("\"category\""), "{e}");
+        std::fs::write(&p, "\n{\"id\":\"a\",\"category\":\"qa\",\"prompt\":\"hi\"}\n").unwrap();
+        assert_eq!(load(&p).unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn summary_groups_and_medians() {
+        let r = |id: &str, cat: &str, mode: &str, sp: f64| ModeResult {
+            id: id.into(),
+            category: cat.into(),
+            mode: mode.into(),
+            prompt_tokens: 1,
+            generated_tokens: 1,
+            decode_tps: 10.0 * sp,
+            speedup: sp,
+            mean_accepted: 0.0,
+            tokens_per_step: 1.0,
+            identical_to_plain: true,
+            prefill_ms: 0.0,
+            decode_ms: 0.0,
+            e2e_ms: 0.0,
+            cpu_s_per_token: 0.0,
+            drafter_error: None,
+        };
+        let rs = vec![r("a", "rag", "x", 2.0), r("b", "rag", "x", 3.0), r("c", "summarization", "x", 5.0), r("d", "math", "x", 0.9)];
+        let s = summarize(&rs);
+        let get = |g: &str| s.iter().find(|x| x.group == g && x.mode == "x").unwrap();
+        assert_eq!(get("rag").median_speedup, 2.5);
+        assert_eq!(get("context_heavy").median_speedup, 3.0);
+        assert_eq!(get("other").min_speedup, 0.9);
+        assert_eq!(get("all").prompts, 4);
+    }
+}
