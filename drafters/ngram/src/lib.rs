@@ -6,7 +6,6 @@
 //!   output, kept across requests and saved to a file in the cache directory at the end of
 //!   each request, used when lookup finds nothing.
 
-pub mod cache;
 pub mod lookup;
 
 use std::path::PathBuf;
@@ -14,7 +13,7 @@ use std::path::PathBuf;
 use coordgen_interface::{DraftBudget, DraftFeedback, DraftSource, DraftTree, TreeBuilder};
 use serde::Deserialize;
 
-use cache::NgramCache;
+use coordgen_drafter_store::ngram_cache::NgramCache;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,9 +53,8 @@ pub struct NgramDrafter {
     opts: Options,
     cache: Option<NgramCache>,
     cache_path: Option<PathBuf>,
-    prompt_len: usize,
-    /// Sequence positions already counted into the cache.
-    learned: usize,
+    /// The last two tokens of the sequence (from the feedback), to learn trigrams.
+    tail: Vec<u32>,
 }
 
 pub fn create(options: &str) -> Result<NgramDrafter, String> {
@@ -75,25 +73,16 @@ pub fn create(options: &str) -> Result<NgramDrafter, String> {
     } else {
         (None, None)
     };
-    Ok(NgramDrafter { opts, cache, cache_path, prompt_len: 0, learned: 0 })
+    Ok(NgramDrafter { opts, cache, cache_path, tail: Vec::new() })
 }
 
 impl DraftSource for NgramDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
-        self.prompt_len = prompt.len();
-        self.learned = prompt.len();
+        self.tail = prompt[prompt.len().saturating_sub(2)..].to_vec();
         Ok(())
     }
 
     fn propose(&mut self, seq: &[u32], budget: DraftBudget) -> Result<DraftTree, String> {
-        if let Some(c) = &mut self.cache {
-            // Learn from output only (the prompt is the user's text, not the model's).
-            let from = self.learned.max(self.prompt_len).max(2);
-            for i in from..seq.len() {
-                c.add(seq[i - 2], seq[i - 1], seq[i]);
-            }
-            self.learned = seq.len();
-        }
         let mut tb = TreeBuilder::new(budget);
         let depth = budget.max_depth as usize;
         let conts = lookup::continuations(seq, self.opts.min_ngram, self.opts.max_ngram, depth, self.opts.branches);
@@ -109,7 +98,17 @@ impl DraftSource for NgramDrafter {
         Ok(tb.build())
     }
 
-    fn observe(&mut self, _f: &DraftFeedback) -> Result<(), String> {
+    fn observe(&mut self, f: &DraftFeedback) -> Result<(), String> {
+        // Learn from accepted output only (the prompt is the user's text, not the model's).
+        for &t in f.accepted.iter() {
+            if let (Some(c), [a, b]) = (&mut self.cache, self.tail.as_slice()) {
+                c.add(*a, *b, t);
+            }
+            self.tail.push(t);
+            if self.tail.len() > 2 {
+                self.tail.remove(0);
+            }
+        }
         Ok(())
     }
 

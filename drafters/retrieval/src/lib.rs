@@ -5,7 +5,6 @@
 //! children are the tokens that followed the matched text, weighted by how often each did
 //! (sources weighted by match length), and the tree keeps the most probable paths.
 
-pub mod datastore;
 pub mod sam;
 
 use std::cmp::Ordering;
@@ -15,7 +14,7 @@ use std::path::PathBuf;
 use coordgen_interface::{DraftBudget, DraftFeedback, DraftSource, DraftTree, TreeBuilder};
 use serde::Deserialize;
 
-use datastore::{Datastore, Range};
+use coordgen_drafter_store::datastore::{Datastore, Range};
 use sam::Sam;
 
 #[derive(Deserialize)]

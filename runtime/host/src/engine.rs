@@ -81,6 +81,8 @@ pub struct GenerateParams {
     pub max_draft_depth: u32,
     /// Widest verification batch (pending token + draft nodes).
     pub max_draft_width: usize,
+    /// A fixed (nodes, depth) draft budget for every step instead of the adaptive policy.
+    pub draft_budget: Option<(u32, u32)>,
 }
 
 impl Default for GenerateParams {
@@ -93,6 +95,7 @@ impl Default for GenerateParams {
             cancel: None,
             max_draft_depth: 8,
             max_draft_width: 16,
+            draft_budget: None,
         }
     }
 }

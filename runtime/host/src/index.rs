@@ -60,6 +60,6 @@ pub fn build(dir: &Path, model: &Path, out: &Path) -> Result<IndexReport> {
         bail!("no text files found under {}", dir.display());
     }
     let model_abs = std::fs::canonicalize(model).unwrap_or_else(|_| model.to_path_buf());
-    let n = coordgen_drafter_retrieval::datastore::write(out, &model_abs, &docs).map_err(|e| anyhow!(e))?;
+    let n = coordgen_drafter_store::datastore::write(out, &model_abs, &docs).map_err(|e| anyhow!(e))?;
     Ok(IndexReport { files: docs.len(), skipped, tokens: n })
 }

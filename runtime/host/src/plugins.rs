@@ -85,7 +85,8 @@ pub struct Draft {
 /// The outcome of one verification step, as drafters see it.
 #[derive(Clone, Debug, Default)]
 pub struct Feedback {
-    /// Tokens appended to the sequence by the step (accepted drafts, then the target's token).
+    /// Tokens appended to the sequence since the last feedback (accepted drafts, then the
+    /// target's token; the first feedback of a request carries the first generated token).
     pub accepted: Vec<u32>,
     pub n_accepted_draft: u32,
     pub n_drafted: u32,

@@ -41,7 +41,10 @@ pub struct DraftTree {
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
 pub struct DraftFeedback {
-    /// Tokens appended to the sequence by this step (accepted drafts plus the target's token).
+    /// Tokens appended to the sequence since the last feedback: the accepted drafts plus the
+    /// target's own token. The first feedback of a request carries the first generated token
+    /// (sampled after prefill, with nothing drafted), so prompt + all `accepted` in order is
+    /// exactly the sequence.
     pub accepted: RVec<u32>,
     /// How many drafted tokens were accepted.
     pub n_accepted_draft: u32,

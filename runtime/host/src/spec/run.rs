@@ -129,6 +129,9 @@ impl Session {
         let r = (|| -> Result<()> {
             let _s = tracing::info_span!("decode").entered();
             let mut pending = sampler.sample(&logits, &self.cached);
+            if let Some(s) = stage.as_mut() {
+                let _ = s.observe(Feedback { accepted: vec![pending], ..Default::default() });
+            }
             if !em.push(pending, on_text)? {
                 return Ok(());
             }
@@ -146,7 +149,11 @@ impl Session {
                 }
                 // Room for draft nodes behind the pending token.
                 let room = (self.n_ctx - base - 2) as u32;
-                let budget = if stage.is_some() { policy.plan() } else { Budget { depth: 0, nodes: 0 } };
+                let budget = match (&stage, p.draft_budget) {
+                    (None, _) => Budget { depth: 0, nodes: 0 },
+                    (Some(_), Some((nodes, depth))) => Budget { depth, nodes },
+                    (Some(_), None) => policy.plan(),
+                };
                 let mut tree = Tree::default();
                 if budget.depth > 0 && room > 0 {
                     let s = stage.as_mut().expect("stage");
