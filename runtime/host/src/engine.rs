@@ -29,6 +29,8 @@ pub struct Session {
     pub prefill_chunk: usize,
     /// Drafter used by [`Session::generate`] (None = plain decoding).
     pub drafter: Option<Box<dyn Drafter>>,
+    /// The draft-budget policy, kept between requests for its latency measurements.
+    pub policy: Option<crate::spec::policy::Policy>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -159,7 +161,7 @@ impl Session {
         }
         let n_ctx = if n_ctx == 0 { model.n_ctx_train.min(8192) } else { n_ctx };
         let slot = backend.create_slot(model.handle, n_ctx as u32)?;
-        Ok(Session { backend, model, tok, slot, n_ctx, cached: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK, drafter: None })
+        Ok(Session { backend, model, tok, slot, n_ctx, cached: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK, drafter: None, policy: None })
     }
 
     /// Installs the drafter [`Session::generate`] uses, after checking that its vocabulary

@@ -43,6 +43,20 @@ impl Policy {
         }
     }
 
+    /// (max depth, max width) the policy was made for.
+    pub fn shape(&self) -> (u32, usize) {
+        (self.max_depth, self.max_width)
+    }
+
+    /// Starts a new request: acceptance and drafting cost are forgotten (they depend on the
+    /// prompt and the drafter), measured verify latencies are kept.
+    pub fn new_request(&mut self) {
+        self.succ.iter_mut().for_each(|x| *x = 0.0);
+        self.trials.iter_mut().for_each(|x| *x = 0.0);
+        self.draft_ms_per_level = 0.0;
+        self.plain_streak = 0;
+    }
+
     /// Estimated probability that depth `d` (1-based) is accepted given depth `d - 1` was.
     pub fn acceptance(&self, d: u32) -> f64 {
         let i = (d as usize - 1).min(self.succ.len() - 1);
@@ -63,8 +77,16 @@ impl Policy {
         let above = (w + 1..=self.max_width).find_map(|x| self.lat[x].map(|v| (x, v)));
         match (below, above) {
             (Some((a, la)), Some((b, lb))) => la + (lb - la) * (w - a) as f64 / (b - a) as f64,
-            // Before measurements: assume each extra token costs 15% of a single-token step.
-            (Some((a, la)), None) => la * (1.0 + 0.15 * (w - a) as f64),
+            (Some((a, la)), None) => {
+                // Extrapolate with the slope of the two widest measurements, or, with only
+                // one, assume each extra token costs 15% of a single-token step.
+                let prev = (1..a).rev().find_map(|x| self.lat[x].map(|v| (x, v)));
+                let slope = match prev {
+                    Some((b, lb)) => ((la - lb) / (a - b) as f64).max(0.0),
+                    None => 0.15 * la / a as f64,
+                };
+                la + slope * (w - a) as f64
+            }
             (None, Some((b, lb))) => lb / (1.0 + 0.15 * (b - w) as f64),
             (None, None) => 1.0 + 0.15 * (w - 1) as f64,
         }
@@ -169,6 +191,13 @@ mod tests {
         p.record(0, 0, 1, 10.0);
         p.record(0, 0, 5, 20.0);
         assert!((p.latency(3) - 15.0).abs() < 1e-9);
-        assert!(p.latency(9) > 20.0);
+        // Beyond the widest measurement the measured slope continues.
+        assert!((p.latency(9) - 30.0).abs() < 1e-9);
+        // A new request keeps the latencies and forgets acceptance.
+        p.record(3, 3, 4, 17.5);
+        assert!(p.acceptance(1) > 0.6);
+        p.new_request();
+        assert_eq!(p.acceptance(1), 0.5);
+        assert!((p.latency(4) - 17.5).abs() < 1e-9);
     }
 }

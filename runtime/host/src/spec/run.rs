@@ -126,6 +126,15 @@ impl Session {
         let mut em = Emitter::new(&self.tok, &p.stop, p.stop_at_eos, p.max_tokens);
         let t1 = Instant::now();
         let mut returned: Option<Box<dyn Drafter>> = None;
+        // Verify latencies per width carry over between requests (they belong to the backend
+        // and model); acceptance and drafting costs start afresh with each request.
+        let mut policy = match self.policy.take() {
+            Some(mut pol) if pol.shape() == (p.max_draft_depth.max(1), p.max_draft_width.max(2)) => {
+                pol.new_request();
+                pol
+            }
+            _ => Policy::new(p.max_draft_depth, p.max_draft_width),
+        };
         let r = (|| -> Result<()> {
             let _s = tracing::info_span!("decode").entered();
             let mut pending = sampler.sample(&logits, &self.cached);
@@ -136,7 +145,6 @@ impl Session {
                 return Ok(());
             }
             let nv = self.model.n_vocab;
-            let mut policy = Policy::new(p.max_draft_depth, p.max_draft_width);
             loop {
                 if p.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                     em.finish = Some("cancelled");
@@ -229,6 +237,7 @@ impl Session {
                 pending = v.next;
             }
         })();
+        self.policy = Some(policy);
         em.flush(on_text);
         if let Some(s) = stage.take() {
             let (d, fin) = s.stop();
