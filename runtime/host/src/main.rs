@@ -412,6 +412,13 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     if a.limit > 0 {
         prompts.truncate(a.limit);
     }
+    // Drafters that learn across runs (the n-gram cache) start empty, so a benchmark never
+    // drafts from outputs it memorised in an earlier run of the same prompts.
+    if std::env::var_os("COORDGEN_CACHE").is_none() {
+        let dir = std::env::temp_dir().join(format!("coordgen-bench-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::env::set_var("COORDGEN_CACHE", &dir);
+    }
     let cfg = PluginsConfig::load(config.as_deref())?;
     let mut modes = workload::load_modes(&cfg, &a.modes)?;
     let mut s = open_session(config, &a.model)?;

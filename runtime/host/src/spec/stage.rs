@@ -29,6 +29,10 @@ pub struct DraftStage {
     rx: Receiver<Reply>,
     handle: Option<JoinHandle<Box<dyn Drafter>>>,
     begun: bool,
+    /// Feedback not yet delivered. It goes out right before the next proposal (or at the
+    /// end), while the host waits anyway, so the drafter's thread never wakes in the middle
+    /// of a target forward and takes a core from the backend's workers.
+    queued: Vec<Feedback>,
 }
 
 fn gone(name: &str) -> PluginError {
@@ -67,7 +71,7 @@ impl DraftStage {
             })
             .expect("spawning the draft thread");
         let _ = tx.send(Cmd::Begin(prompt.to_vec()));
-        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), begun: false }
+        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), begun: false, queued: Vec::new() }
     }
 
     pub fn name(&self) -> &str {
@@ -92,6 +96,7 @@ impl DraftStage {
 
     /// Asks for a draft continuing `sequence`; returns it with the drafter's time in ms.
     pub fn propose(&mut self, sequence: &[u32], nodes: u32, depth: u32) -> PResult<(Draft, f64)> {
+        self.flush()?;
         let tx = self.tx.as_ref().ok_or_else(|| gone(&self.name))?;
         tx.send(Cmd::Propose { sequence: sequence.to_vec(), nodes, depth }).map_err(|_| gone(&self.name))?;
         self.wait(|r| match r {
@@ -100,17 +105,26 @@ impl DraftStage {
         })
     }
 
-    /// Reports a step's outcome (errors surface at the next call).
+    /// Reports a step's outcome (delivered before the next proposal; errors surface then).
     pub fn observe(&mut self, f: Feedback) -> PResult<()> {
+        self.queued.push(f);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> PResult<()> {
         let tx = self.tx.as_ref().ok_or_else(|| gone(&self.name))?;
-        tx.send(Cmd::Observe(f)).map_err(|_| gone(&self.name))
+        for f in self.queued.drain(..) {
+            tx.send(Cmd::Observe(f)).map_err(|_| gone(&self.name))?;
+        }
+        Ok(())
     }
 
     /// Stops the thread and hands the drafter back (None if its thread died), with the
     /// result of `finish()` on it.
     pub fn stop(mut self) -> (Option<Box<dyn Drafter>>, PResult<()>) {
+        let flushed = self.flush();
         drop(self.tx.take());
-        let mut first_err = Ok(());
+        let mut first_err = flushed;
         while let Ok(r) = self.rx.recv() {
             if let Reply::Begun(Err(e)) | Reply::Observed(Err(e)) = r {
                 if first_err.is_ok() {
