@@ -212,24 +212,22 @@ impl SampleArgs {
 
 /// Installs the drafter asked for on the command line (`none` = plain), or else the
 /// configuration's default drafter.
-fn attach_drafter(config: &Option<PathBuf>, s: &mut Session, cli: Option<&str>) -> Result<()> {
-    let cfg = PluginsConfig::load(config.as_deref())?;
+fn attach_drafter(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {
     let spec = match cli {
         Some("none") | Some("plain") => None,
         Some(x) => Some(x.to_string()),
         None => cfg.drafter.clone(),
     };
     if let Some(spec) = spec {
-        let d = plugins::load_drafters(&cfg, &spec)?;
+        let d = plugins::load_drafters(cfg, &spec)?;
         s.set_drafter(Some(d))?;
     }
     Ok(())
 }
 
-fn open_session(config: &Option<PathBuf>, m: &ModelArgs) -> Result<Session> {
-    let cfg = PluginsConfig::load(config.as_deref())?;
+fn open_session(cfg: &PluginsConfig, m: &ModelArgs) -> Result<Session> {
     let name = m.backend.clone().unwrap_or_else(|| cfg.target_backend.clone());
-    let (mut backend, _) = plugins::load_backend(&cfg, &name)?;
+    let (mut backend, _) = plugins::load_backend(cfg, &name)?;
     if m.threads != 0 {
         backend.set_threads(m.threads)?;
     }
@@ -258,8 +256,9 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
     let params = a.sample.params()?;
-    let mut s = open_session(config, &a.model)?;
-    attach_drafter(config, &mut s, a.sample.drafter.as_deref())?;
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    let mut s = open_session(&cfg, &a.model)?;
+    attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
     let prompt_text = if a.chat {
         let mut msgs = Vec::new();
         if let Some(sys) = &a.system {
@@ -309,8 +308,9 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
 
 fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
     let params = a.sample.params()?;
-    let mut s = open_session(config, &a.model)?;
-    attach_drafter(config, &mut s, a.sample.drafter.as_deref())?;
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    let mut s = open_session(&cfg, &a.model)?;
+    attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
     let mut msgs = Vec::new();
     if let Some(sys) = &a.system {
         msgs.push(Message::new("system", sys));
@@ -365,7 +365,7 @@ fn cmd_perplexity(config: &Option<PathBuf>, a: PplArgs) -> Result<()> {
     if m.ctx_size == 0 {
         m.ctx_size = a.ctx;
     }
-    let mut s = open_session(config, &m)?;
+    let mut s = open_session(&PluginsConfig::load(config.as_deref())?, &m)?;
     let tokens = s.tok.encode(&text, true)?;
     let t0 = std::time::Instant::now();
     let r = s.perplexity(&tokens, a.ctx, a.per_token)?;
@@ -421,7 +421,7 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     }
     let cfg = PluginsConfig::load(config.as_deref())?;
     let mut modes = workload::load_modes(&cfg, &a.modes)?;
-    let mut s = open_session(config, &a.model)?;
+    let mut s = open_session(&cfg, &a.model)?;
     let json = a.json;
     let results = workload::run(&mut s, &prompts, &mut modes, a.max_tokens, &mut |r| {
         let line = format!(
@@ -456,7 +456,7 @@ fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
     if m.ctx_size == 0 {
         m.ctx_size = need;
     }
-    let mut s = open_session(config, &m)?;
+    let mut s = open_session(&PluginsConfig::load(config.as_deref())?, &m)?;
     let caps = s.backend.capabilities();
     let threads = caps.threads as usize;
     let mut out = serde_json::json!({

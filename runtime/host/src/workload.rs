@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use crate::bench::median;
 use crate::chat::Message;
 use crate::config::PluginsConfig;
 use crate::engine::{GenerateParams, Session};
@@ -174,19 +175,6 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
         }
     }
     Ok(results)
-}
-
-pub fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 #[derive(Clone, Debug, Serialize)]

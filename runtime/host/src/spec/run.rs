@@ -139,7 +139,7 @@ impl Session {
             let _s = tracing::info_span!("decode").entered();
             let mut pending = sampler.sample(&logits, &self.cached);
             if let Some(s) = stage.as_mut() {
-                let _ = s.observe(Feedback { accepted: vec![pending], ..Default::default() });
+                s.observe(Feedback { accepted: vec![pending], ..Default::default() });
             }
             if !em.push(pending, on_text)? {
                 return Ok(());
@@ -221,15 +221,12 @@ impl Session {
                     }
                 }
                 if let Some(s) = stage.as_mut() {
-                    let fb = Feedback {
+                    s.observe(Feedback {
                         accepted: new_tokens.clone(),
                         n_accepted_draft: v.accepted.len() as u32,
                         n_drafted: tree.len() as u32,
                         accepted_nodes: v.accepted.iter().map(|&i| tree.origin[i]).collect(),
-                    };
-                    if let Err(e) = s.observe(fb) {
-                        stats.drafter_error = Some(e.to_string());
-                    }
+                    });
                 }
                 if !go {
                     return Ok(());

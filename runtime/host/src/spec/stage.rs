@@ -1,6 +1,6 @@
 //! The draft stage: a drafter running on its own thread, fed by crossbeam channels, so its
-//! `begin` (indexing the prompt, or prefilling a draft model) overlaps the target's prefill
-//! and its bookkeeping after each step overlaps the host's. Also [`Chain`], which combines
+//! `begin` (indexing the prompt, or prefilling a draft model) overlaps the target's prefill.
+//! Step feedback is queued and delivered just before the next proposal. Also [`Chain`], which combines
 //! drafters: the first one with a draft wins, all of them see what was accepted.
 
 use std::thread::JoinHandle;
@@ -28,7 +28,6 @@ pub struct DraftStage {
     tx: Option<Sender<Cmd>>,
     rx: Receiver<Reply>,
     handle: Option<JoinHandle<Box<dyn Drafter>>>,
-    begun: bool,
     /// Feedback not yet delivered. It goes out right before the next proposal (or at the
     /// end), while the host waits anyway, so the drafter's thread never wakes in the middle
     /// of a target forward and takes a core from the backend's workers.
@@ -71,7 +70,7 @@ impl DraftStage {
             })
             .expect("spawning the draft thread");
         let _ = tx.send(Cmd::Begin(prompt.to_vec()));
-        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), begun: false, queued: Vec::new() }
+        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), queued: Vec::new() }
     }
 
     pub fn name(&self) -> &str {
@@ -79,12 +78,12 @@ impl DraftStage {
     }
 
     /// Waits for replies until `want` matches; an error reply (or a lost stage) is returned.
-    fn wait<T>(&mut self, want: impl Fn(Reply) -> Option<PResult<T>>) -> PResult<T> {
+    fn wait<T>(&self, want: impl Fn(Reply) -> Option<PResult<T>>) -> PResult<T> {
         loop {
             let r = self.rx.recv().map_err(|_| gone(&self.name))?;
             match r {
                 Reply::Begun(Err(e)) | Reply::Observed(Err(e)) => return Err(e),
-                Reply::Begun(Ok(())) => self.begun = true,
+                Reply::Begun(Ok(())) => {}
                 other => {
                     if let Some(v) = want(other) {
                         return v;
@@ -106,9 +105,8 @@ impl DraftStage {
     }
 
     /// Reports a step's outcome (delivered before the next proposal; errors surface then).
-    pub fn observe(&mut self, f: Feedback) -> PResult<()> {
+    pub fn observe(&mut self, f: Feedback) {
         self.queued.push(f);
-        Ok(())
     }
 
     fn flush(&mut self) -> PResult<()> {
