@@ -4,6 +4,14 @@
 //! the sequence seen before in either source and grows a token tree best-first: a node's
 //! children are the tokens that followed the matched text, weighted by how often each did
 //! (sources weighted by match length), and the tree keeps the most probable paths.
+//!
+//! **Context-aligned drafting.** With calibration on, the host hands over the target model's
+//! top predictions at prompt positions, computed during its prefill. Where a node's match
+//! last occurred at a calibrated position, its children mix the literal continuation counts
+//! with the model's predictions there (half each), and a predicted token that never followed
+//! the match continues from wherever it did occur (the automaton's suffix links), so drafts
+//! follow how the model will phrase the context, not only its literal text. Responses of
+//! earlier requests of the same session stay in the automaton as well.
 
 pub mod sam;
 
@@ -11,7 +19,9 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::path::PathBuf;
 
-use coordgen_interface::{DraftBudget, DraftFeedback, DraftSource, DraftTree, TreeBuilder};
+use std::collections::HashMap;
+
+use coordgen_interface::{Calibration, DraftBudget, DraftFeedback, DraftSource, DraftTree, TreeBuilder};
 use serde::Deserialize;
 
 use coordgen_drafter_store::datastore::{Datastore, Range};
@@ -30,7 +40,29 @@ struct Options {
     max_match: usize,
     #[allow(dead_code)]
     cache_dir: Option<PathBuf>,
+    /// Target predictions wanted per prompt position (0 = no calibration).
+    #[serde(default = "d_top_k")]
+    calibration_top_k: u32,
+    /// Weight of the model's predictions against the literal continuations.
+    #[serde(default = "d_mix")]
+    calibration_weight: f32,
+    /// Earlier responses of the session kept for matching (tokens).
+    #[serde(default = "d_history")]
+    history_tokens: usize,
 }
+
+fn d_top_k() -> u32 {
+    3
+}
+fn d_mix() -> f32 {
+    0.5
+}
+fn d_history() -> usize {
+    16384
+}
+
+/// Separates documents in the automaton (never a real token id).
+const SEP: u32 = u32::MAX;
 
 fn d_min_match() -> usize {
     1
@@ -43,19 +75,27 @@ pub struct RetrievalDrafter {
     opts: Options,
     sam: Sam,
     store: Option<Datastore>,
+    /// Earlier responses, each followed by [`SEP`]; the automaton's text starts with them.
+    history: Vec<u32>,
+    /// Length of the request's prompt (the automaton holds history, prompt, output).
+    prompt_len: usize,
+    /// Calibrated predictions: automaton text position -> (tokens, probabilities).
+    preds: HashMap<u32, (Vec<u32>, Vec<f32>)>,
 }
 
 pub fn create(options: &str) -> Result<RetrievalDrafter, String> {
     let opts: Options = serde_json::from_str(if options.trim().is_empty() { "{}" } else { options })
         .map_err(|e| format!("retrieval drafter options: {e}"))?;
     let store = opts.datastore.as_deref().map(Datastore::load).transpose()?;
-    Ok(RetrievalDrafter { opts, sam: Sam::default(), store })
+    Ok(RetrievalDrafter { opts, sam: Sam::default(), store, history: Vec::new(), prompt_len: 0, preds: HashMap::new() })
 }
 
 /// Where a tree node stands in each source.
 #[derive(Clone, Copy, Debug)]
 enum Handle {
     Local { state: u32, weight: f32 },
+    /// A predicted token that never occurred in the text: a leaf.
+    Dead,
     Store { range: Range, weight: f32 },
 }
 
@@ -84,23 +124,37 @@ impl Ord for Candidate {
 }
 
 impl RetrievalDrafter {
-    /// Brings the automaton up to `seq` (rebuilding it if `seq` is not a continuation).
+    /// Brings the automaton up to history + `seq` (rebuilding it if `seq` is not a
+    /// continuation of what it holds).
     fn sync(&mut self, seq: &[u32]) {
-        let have = self.sam.text().len();
-        if seq.len() < have || seq[..have] != *self.sam.text() {
-            self.sam = Sam::default();
-            self.sam.extend(seq);
+        let base = self.history.len();
+        let have = self.sam.text().len() - base;
+        if seq.len() < have || seq[..have] != self.sam.text()[base..] {
+            self.rebuild(seq);
         } else {
             self.sam.extend(&seq[have..]);
         }
     }
 
+    fn rebuild(&mut self, seq: &[u32]) {
+        self.sam = Sam::default();
+        self.sam.extend(&self.history);
+        self.sam.extend(seq);
+    }
+
     /// Children of a node: (token, probability, handles), merged across sources.
     fn children(&self, handles: &[Handle]) -> Vec<(u32, f32, Vec<Handle>)> {
         let mut out: Vec<(u32, f32, Vec<Handle>)> = Vec::new();
-        let total_w: f32 = handles.iter().map(|h| match h {
-            Handle::Local { weight, .. } | Handle::Store { weight, .. } => *weight,
-        }).sum();
+        let total_w: f32 = handles
+            .iter()
+            .map(|h| match h {
+                Handle::Local { weight, .. } | Handle::Store { weight, .. } => *weight,
+                Handle::Dead => 0.0,
+            })
+            .sum();
+        if total_w <= 0.0 {
+            return out;
+        }
         let mut add = |tok: u32, p: f32, h: Handle| match out.iter_mut().find(|x| x.0 == tok) {
             Some(x) => {
                 x.1 += p;
@@ -113,10 +167,22 @@ impl RetrievalDrafter {
                 Handle::Local { state, weight } => {
                     let kids: Vec<(u32, u32, u32)> = self.sam.children(state).collect();
                     let n: u32 = kids.iter().map(|k| k.2).sum();
+                    let pred = self.sam.latest_followed_end(state).and_then(|e| self.preds.get(&e));
+                    let lit_w = if pred.is_some() { 1.0 - self.opts.calibration_weight } else { 1.0 };
                     for (tok, next, c) in kids {
-                        add(tok, weight / total_w * c as f32 / n as f32, Handle::Local { state: next, weight });
+                        add(tok, weight / total_w * lit_w * c as f32 / n.max(1) as f32, Handle::Local { state: next, weight });
+                    }
+                    if let Some((toks, probs)) = pred {
+                        for (&tok, &p) in toks.iter().zip(probs) {
+                            let h = match self.sam.step(state, tok) {
+                                Some(next) => Handle::Local { state: next, weight },
+                                None => Handle::Dead,
+                            };
+                            add(tok, weight / total_w * self.opts.calibration_weight * p, h);
+                        }
                     }
                 }
+                Handle::Dead => {}
                 Handle::Store { range, weight } => {
                     if let Some(ds) = &self.store {
                         let n = (range.hi - range.lo) as f32;
@@ -133,8 +199,45 @@ impl RetrievalDrafter {
 
 impl DraftSource for RetrievalDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
-        self.sam = Sam::default();
-        self.sam.extend(prompt);
+        self.preds.clear();
+        self.prompt_len = prompt.len();
+        self.rebuild(prompt);
+        Ok(())
+    }
+
+    fn calibration_top_k(&self) -> u32 {
+        self.opts.calibration_top_k
+    }
+
+    fn calibrate(&mut self, c: &Calibration) -> Result<(), String> {
+        let k = c.k as usize;
+        if k == 0 || c.tokens.len() != c.positions.len() * k || c.probs.len() != c.tokens.len() {
+            return Err(format!("malformed calibration: {} positions, k {}, {} tokens, {} probabilities", c.positions.len(), k, c.tokens.len(), c.probs.len()));
+        }
+        let base = self.history.len() as u32;
+        for (i, &p) in c.positions.iter().enumerate() {
+            if (p as usize) < self.prompt_len {
+                self.preds.insert(base + p, (c.tokens[i * k..(i + 1) * k].to_vec(), c.probs[i * k..(i + 1) * k].to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), String> {
+        // The response joins the session's history, so later requests can copy from it.
+        let start = self.history.len() + self.prompt_len;
+        if self.sam.text().len() > start && self.opts.history_tokens > 0 {
+            let response = self.sam.text()[start..].to_vec();
+            self.history.extend(response);
+            self.history.push(SEP);
+            if self.history.len() > self.opts.history_tokens {
+                let cut = self.history.len() - self.opts.history_tokens;
+                // Drop whole responses from the front.
+                let at = self.history[cut..].iter().position(|&t| t == SEP).map(|i| cut + i + 1).unwrap_or(self.history.len());
+                self.history.drain(..at);
+            }
+        }
+        self.preds.clear();
         Ok(())
     }
 
@@ -199,5 +302,37 @@ mod tests {
         // Nothing repeats: no draft.
         let t = d.propose(&[5, 6], DraftBudget { max_nodes: 3, max_depth: 4 }).unwrap();
         assert!(t.tokens.is_empty());
+    }
+
+    #[test]
+    fn calibrated_predictions_steer_and_extend_drafts() {
+        let mut d = create("{}").unwrap();
+        // Prompt: "1 2 3 4 | 7 8 9 | 1 2"; after "1 2" the text says 3, but the model, at
+        // position 1 (after "1 2"), predicts 7 with 0.9.
+        let prompt = [1, 2, 3, 4, 7, 8, 9, 1, 2];
+        d.begin(&prompt).unwrap();
+        let b = DraftBudget { max_nodes: 3, max_depth: 3 };
+        let plain = d.propose(&prompt, b).unwrap();
+        assert_eq!(&plain.tokens[..], &[3, 4, 7]);
+        let cal = Calibration { k: 2, positions: vec![1].into(), tokens: vec![7, 3].into(), probs: vec![0.9, 0.05].into() };
+        d.calibrate(&cal).unwrap();
+        // Literal 3 (0.5 + 0.5 * 0.05) still leads, the model's 7 (0.5 * 0.9) becomes a
+        // second root, and continues from where 7 occurred: 8 9.
+        let wide = d.propose(&prompt, DraftBudget { max_nodes: 6, max_depth: 3 }).unwrap();
+        assert_eq!(wide.tokens[0], 3);
+        let i7 = (0..wide.tokens.len()).find(|&i| wide.tokens[i] == 7 && wide.parents[i] == -1).expect("a root 7");
+        assert!((0..wide.tokens.len()).any(|i| wide.tokens[i] == 8 && wide.parents[i] == i7 as i32), "{:?} {:?}", wide.tokens, wide.parents);
+        assert!(d.calibrate(&Calibration { k: 2, positions: vec![1].into(), tokens: vec![7].into(), probs: vec![0.9].into() }).is_err());
+    }
+
+    #[test]
+    fn earlier_responses_of_the_session_are_matched() {
+        let mut d = create("{}").unwrap();
+        d.begin(&[1, 2]).unwrap();
+        d.sync(&[1, 2, 40, 41, 42, 43]);
+        d.finish().unwrap();
+        d.begin(&[5, 6, 40, 41]).unwrap();
+        let t = d.propose(&[5, 6, 40, 41], DraftBudget { max_nodes: 2, max_depth: 2 }).unwrap();
+        assert_eq!(&t.tokens[..], &[42, 43]);
     }
 }

@@ -10,7 +10,12 @@ struct State {
     next: Vec<(u32, u32)>,
     /// Number of end positions (occurrences) of this state's strings.
     count: u32,
+    /// The latest and the one before the latest end position (NONE when absent).
+    last_end: u32,
+    prev_end: u32,
 }
+
+const NONE: u32 = u32::MAX;
 
 #[derive(Clone, Debug)]
 pub struct Sam {
@@ -21,7 +26,7 @@ pub struct Sam {
 
 impl Default for Sam {
     fn default() -> Self {
-        Sam { st: vec![State { len: 0, link: -1, next: Vec::new(), count: 0 }], last: 0, text: Vec::new() }
+        Sam { st: vec![State { len: 0, link: -1, next: Vec::new(), count: 0, last_end: NONE, prev_end: NONE }], last: 0, text: Vec::new() }
     }
 }
 
@@ -46,7 +51,7 @@ impl Sam {
     pub fn push(&mut self, c: u32) {
         self.text.push(c);
         let cur = self.st.len();
-        self.st.push(State { len: self.st[self.last].len + 1, link: -1, next: Vec::new(), count: 0 });
+        self.st.push(State { len: self.st[self.last].len + 1, link: -1, next: Vec::new(), count: 0, last_end: NONE, prev_end: NONE });
         let mut p = self.last as i32;
         while p >= 0 && self.get(p as u32, c).is_none() {
             self.set(p as usize, c, cur as u32);
@@ -73,10 +78,14 @@ impl Sam {
         }
         self.last = cur;
         // The new end position belongs to every state on the suffix-link path.
+        let end = self.text.len() as u32 - 1;
         let mut s = cur as i32;
         while s > 0 {
-            self.st[s as usize].count += 1;
-            s = self.st[s as usize].link;
+            let st = &mut self.st[s as usize];
+            st.count += 1;
+            st.prev_end = st.last_end;
+            st.last_end = end;
+            s = st.link;
         }
     }
 
@@ -91,6 +100,28 @@ impl Sam {
     pub fn longest_repeat(&self) -> Option<(u32, u32)> {
         let l = self.st[self.last].link;
         (l > 0).then(|| (l as u32, self.st[l as usize].len))
+    }
+
+    /// The latest end position of state `s`'s strings that has a token after it.
+    pub fn latest_followed_end(&self, s: u32) -> Option<u32> {
+        let st = &self.st[s as usize];
+        let n = self.text.len() as u32;
+        [st.last_end, st.prev_end].into_iter().find(|&e| e != NONE && e + 1 < n)
+    }
+
+    /// The state reached by appending `c` to state `s`'s longest string, shortening it from
+    /// the left (suffix links) until `c` has followed it; None when `c` never occurred.
+    pub fn step(&self, mut s: u32, c: u32) -> Option<u32> {
+        loop {
+            if let Some(t) = self.get(s, c) {
+                return Some(t);
+            }
+            let l = self.st[s as usize].link;
+            if l < 0 {
+                return None;
+            }
+            s = l as u32;
+        }
     }
 
     /// Continuations of state `s`: (token, next state, occurrences).
@@ -141,6 +172,9 @@ mod tests {
             }
             let got: Vec<(u32, u32)> = sam.children(s).map(|(c, _, n)| (c, n)).collect();
             assert_eq!(got, naive_next(seen, pat), "at {i}");
+            // The latest earlier occurrence of the matched suffix, as the naive search sees it.
+            let latest = (0..seen.len() - pat.len()).rev().find(|&j| seen[j..j + pat.len()] == *pat).map(|j| (j + pat.len() - 1) as u32);
+            assert_eq!(sam.latest_followed_end(s), latest, "at {i}");
         }
     }
 }

@@ -30,12 +30,58 @@ pub struct PluginsConfig {
     /// (asked in order; the first with a draft wins). Absent = plain decoding.
     #[serde(default)]
     pub drafter: Option<String>,
+    /// Scheduler: a `kind = "scheduler"` plugin name or the built-in `fixed`. Absent = the
+    /// plugin named `adaptive` if there is one, else `fixed`.
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    /// Which drafting techniques are on (all by default).
+    #[serde(default)]
+    pub techniques: TechniquesConfig,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginEntry>,
     #[serde(skip)]
     pub base_dir: PathBuf,
     #[serde(skip)]
     pub source: String,
+}
+
+/// The `[techniques]` table of `plugins.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TechniquesConfig {
+    /// Context-aligned drafting (the target's predictions over the prompt feed the drafter).
+    #[serde(default = "yes")]
+    pub calibration: bool,
+    /// Reuse of the agreeing tail of rejected drafts.
+    #[serde(default = "yes")]
+    pub reuse: bool,
+    /// Draft trees as wide as the backend verifies almost for free.
+    #[serde(default = "yes")]
+    pub extension: bool,
+    /// Prompt positions between calibrated predictions (0 = from the cost model).
+    #[serde(default)]
+    pub calibration_stride: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TechniquesConfig {
+    fn default() -> Self {
+        TechniquesConfig { calibration: true, reuse: true, extension: true, calibration_stride: 0 }
+    }
+}
+
+impl PluginsConfig {
+    /// The scheduler to use when the command line names none.
+    pub fn default_scheduler(&self) -> String {
+        match &self.scheduler {
+            Some(s) => s.clone(),
+            None if self.entry("adaptive").is_some_and(|e| e.kind == "scheduler") => "adaptive".into(),
+            None => "fixed".into(),
+        }
+    }
 }
 
 pub const DEFAULT_CONFIG: &str = r#"
@@ -83,6 +129,14 @@ impl PluginsConfig {
                     Some(e) => bail!("{source}: drafter '{}' is a {} plugin, not a drafter", e.name, e.kind),
                     None => bail!("{source}: drafter '{name}' is not among the [[plugin]] entries"),
                 }
+            }
+        }
+        if let Some(name) = &cfg.scheduler {
+            match cfg.entry(name) {
+                Some(e) if e.kind == "scheduler" => {}
+                Some(e) => bail!("{source}: scheduler '{}' is a {} plugin, not a scheduler", e.name, e.kind),
+                None if name == "fixed" => {}
+                None => bail!("{source}: scheduler '{name}' is not among the [[plugin]] entries (nor the built-in 'fixed')"),
             }
         }
         Ok(cfg)

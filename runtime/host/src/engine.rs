@@ -2,7 +2,7 @@
 //! chunked prefill that reuses the cached prefix (so a chat keeps its cache between turns),
 //! a decode loop with sampling, stop conditions and streaming, and perplexity scoring.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -10,7 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use coordgen_model::ModelFile;
 use serde::Serialize;
 
-use crate::plugins::{Backend, Drafter, Forward, ModelInfo};
+use coordgen_interface::CostSample;
+
+use crate::plugins::{Backend, Drafter, Forward, ModelInfo, Predictions};
+use crate::scheduler::Scheduler;
 use crate::spec::SpecStats;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tok;
@@ -29,8 +32,13 @@ pub struct Session {
     pub prefill_chunk: usize,
     /// Drafter used by [`Session::generate`] (None = plain decoding).
     pub drafter: Option<Box<dyn Drafter>>,
-    /// The draft-budget policy, kept between requests for its latency measurements.
-    pub policy: Option<crate::spec::policy::Policy>,
+    /// Shapes prefill chunks and draft budgets (None = the built-in fixed schedule).
+    pub scheduler: Option<Box<dyn Scheduler>>,
+    /// Calibration samples of this backend and model (empty until a scheduler is set).
+    pub costs: Vec<CostSample>,
+    /// The target's predictions at cached prompt positions (kept with the KV cache).
+    pub predictions: Predictions,
+    pub model_path: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -83,8 +91,38 @@ pub struct GenerateParams {
     pub max_draft_depth: u32,
     /// Widest verification batch (pending token + draft nodes).
     pub max_draft_width: usize,
-    /// A fixed (nodes, depth) draft budget for every step instead of the adaptive policy.
+    /// A fixed (nodes, depth) draft budget for every step instead of the scheduler's.
     pub draft_budget: Option<(u32, u32)>,
+    /// Which of CoordGen's drafting techniques are on.
+    pub techniques: Techniques,
+}
+
+/// Switches for the techniques of context-heavy decoding (scheduling is chosen by the
+/// session's scheduler).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Techniques {
+    /// Context-aligned drafting: the target's predictions over the prompt feed drafters
+    /// that ask for them.
+    pub calibration: bool,
+    /// Offer the agreeing tail of rejected drafts again.
+    pub reuse: bool,
+    /// Grow drafts into trees up to the nearly free verify width.
+    pub extension: bool,
+    /// Predictions every this many prompt positions (0 = chosen from the cost model so the
+    /// extra logits cost at most about 10% of the prefill).
+    pub calibration_stride: u32,
+}
+
+impl Default for Techniques {
+    fn default() -> Self {
+        Techniques { calibration: true, reuse: true, extension: true, calibration_stride: 0 }
+    }
+}
+
+impl Techniques {
+    pub fn none() -> Self {
+        Techniques { calibration: false, reuse: false, extension: false, calibration_stride: 0 }
+    }
 }
 
 impl Default for GenerateParams {
@@ -98,6 +136,7 @@ impl Default for GenerateParams {
             max_draft_depth: 8,
             max_draft_width: 16,
             draft_budget: None,
+            techniques: Techniques::default(),
         }
     }
 }
@@ -161,7 +200,31 @@ impl Session {
         }
         let n_ctx = if n_ctx == 0 { model.n_ctx_train.min(8192) } else { n_ctx };
         let slot = backend.create_slot(model.handle, n_ctx as u32)?;
-        Ok(Session { backend, model, tok, slot, n_ctx, cached: Vec::new(), prefill_chunk: DEFAULT_PREFILL_CHUNK, drafter: None, policy: None })
+        Ok(Session {
+            backend,
+            model,
+            tok,
+            slot,
+            n_ctx,
+            cached: Vec::new(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            drafter: None,
+            scheduler: None,
+            costs: Vec::new(),
+            predictions: Predictions::default(),
+            model_path: model_path.to_path_buf(),
+        })
+    }
+
+    /// Installs a scheduler, feeding it this backend and model's calibration (measured now
+    /// if no cached calibration matches the machine, model and backend).
+    pub fn set_scheduler(&mut self, mut s: Box<dyn Scheduler>) -> Result<()> {
+        if self.costs.is_empty() {
+            self.costs = crate::calibrate::cost_samples(self, false)?.0;
+        }
+        s.observe_costs(&self.costs)?;
+        self.scheduler = Some(s);
+        Ok(())
     }
 
     /// Installs the drafter [`Session::generate`] uses, after checking that its vocabulary
@@ -184,30 +247,72 @@ impl Session {
     pub fn reset(&mut self) -> Result<()> {
         self.backend.truncate(self.slot, 0)?;
         self.cached.clear();
+        self.predictions = Predictions::default();
         Ok(())
     }
 
-    /// Runs `tokens` appended after the cache; returns logits of the last row.
-    fn feed(&mut self, tokens: &[u32], want_last: bool) -> Result<Vec<f32>> {
+    /// Runs `tokens` appended after the cache; returns logits of the last row. With
+    /// `calib = Some((k, stride))`, also records the target's top-`k` predictions at every
+    /// `stride`-th position into `self.predictions`.
+    fn feed(&mut self, tokens: &[u32], want_last: bool, calib: Option<(usize, u32)>) -> Result<Vec<f32>> {
         let mut last = Vec::new();
+        let nv = self.model.n_vocab;
         for (ci, chunk) in tokens.chunks(self.prefill_chunk.max(1)).enumerate() {
             let start = self.cached.len() as u32;
             let positions: Vec<u32> = (start..start + chunk.len() as u32).collect();
             let is_last = (ci + 1) * self.prefill_chunk.max(1) >= tokens.len();
-            let rows: Vec<u32> = if is_last && want_last { vec![chunk.len() as u32 - 1] } else { vec![] };
+            let mut rows: Vec<u32> = match calib {
+                Some((_, stride)) => (0..chunk.len() as u32).filter(|r| (start + r) % stride.max(1) == 0).collect(),
+                None => vec![],
+            };
+            let last_row = chunk.len() as u32 - 1;
+            if is_last && want_last && rows.last() != Some(&last_row) {
+                rows.push(last_row);
+            }
             let _span = tracing::debug_span!("forward", width = chunk.len(), start).entered();
             let out = self.backend.forward(&Forward { slot: self.slot, tokens: chunk, positions: &positions, mask: &[], logit_rows: &rows })?;
             self.cached.extend_from_slice(chunk);
-            if !rows.is_empty() {
-                last = out;
+            if let Some((k, _)) = calib {
+                let pr = &mut self.predictions;
+                pr.k = k;
+                for (i, &r) in rows.iter().enumerate() {
+                    let (t, p) = crate::sampling::top_k_probs(&out[i * nv..(i + 1) * nv], k);
+                    pr.positions.push(start + r);
+                    pr.tokens.extend(t);
+                    pr.probs.extend(p);
+                }
+            }
+            if is_last && want_last {
+                last = out[(rows.len() - 1) * nv..].to_vec();
             }
         }
         Ok(last)
     }
 
+    /// Prompt positions between two calibrated predictions, so that the extra logits cost
+    /// about `budget` (a fraction) of the prefill: from the calibration, one logits row costs
+    /// `(L(32 tokens, 32 rows) - L(32 tokens, 1 row)) / 31` against `L(32, 1) / 32` per token.
+    pub fn calibration_stride(&self, budget: f64) -> u32 {
+        let find = |rows: u32| self.costs.iter().filter(|c| c.width == 32 && c.rows == rows).map(|c| c.micros as f64).reduce(f64::min);
+        match (find(32), find(1)) {
+            (Some(all), Some(one)) if one > 0.0 => {
+                let per_row = ((all - one) / 31.0).max(0.0);
+                let per_token = one / 32.0;
+                ((per_row / (budget * per_token)).ceil() as u32).clamp(1, 64)
+            }
+            _ => 4,
+        }
+    }
+
     /// Makes the cache hold exactly `prompt`, reusing the longest cached prefix, and returns
     /// the logits after its last token and the number of tokens computed.
     pub fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        self.prefill_with(prompt, None)
+    }
+
+    /// As [`Session::prefill`], with calibrated predictions (`Some((k, stride))`) recorded
+    /// for the computed positions (cached positions keep theirs).
+    pub fn prefill_with(&mut self, prompt: &[u32], calib: Option<(usize, u32)>) -> Result<(Vec<f32>, usize)> {
         if prompt.is_empty() {
             bail!("the prompt is empty");
         }
@@ -219,7 +324,13 @@ impl Session {
         common = common.min(prompt.len() - 1);
         self.backend.truncate(self.slot, common as u32)?;
         self.cached.truncate(common);
-        let logits = self.feed(&prompt[common..], true)?;
+        self.predictions.truncate_positions(common as u32);
+        if let Some((k, _)) = calib {
+            if self.predictions.k != k {
+                self.predictions = Predictions { k, ..Default::default() };
+            }
+        }
+        let logits = self.feed(&prompt[common..], true, calib)?;
         Ok((logits, prompt.len() - common))
     }
 

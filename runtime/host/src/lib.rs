@@ -2,12 +2,14 @@
 //! templates, sampling, and the generation engine the `coordgen` binary drives.
 
 pub mod bench;
+pub mod calibrate;
 pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod index;
 pub mod plugins;
 pub mod sampling;
+pub mod scheduler;
 pub mod spec;
 pub mod tokenizer;
 pub mod workload;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use coordgen::chat::Message;
 use coordgen::config::{resolve_model, PluginsConfig};
-use coordgen::engine::{GenerateParams, Session};
+use coordgen::engine::{GenerateParams, Session, Techniques};
 use coordgen::plugins;
 use coordgen::sampling::SamplingParams;
 
@@ -36,6 +36,16 @@ enum Cmd {
     Bench(BenchArgs),
     /// Build a retrieval datastore from a directory of text files.
     Index(IndexArgs),
+    /// Measure (again) the cost model of a model on a backend and cache it.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -86,6 +96,13 @@ struct BenchArgs {
     /// Only the first N prompts of the workload (0 = all).
     #[arg(long, default_value_t = 0)]
     limit: usize,
+    /// Only the first N prompts of each category (0 = all).
+    #[arg(long, default_value_t = 0)]
+    per_category: usize,
+    /// The ablation of CoordGen's techniques (modes plain, pld, retrieval, calibrated,
+    /// extended, full) over --workload (default ../shared/eval/public.jsonl).
+    #[arg(long)]
+    ablation: bool,
 }
 
 #[derive(Args, Clone)]
@@ -134,6 +151,22 @@ struct SampleArgs {
     /// Deepest draft to verify per step.
     #[arg(long, default_value_t = 8)]
     max_draft_depth: u32,
+    /// Scheduler: a scheduler plugin of plugins.toml or the built-in 'fixed' (default: the
+    /// `scheduler` key, else the 'adaptive' plugin).
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Turn off context-aligned drafting (the target's predictions over the prompt).
+    #[arg(long)]
+    no_calibration: bool,
+    /// Turn off reuse of rejected drafts' agreeing tails.
+    #[arg(long)]
+    no_reuse: bool,
+    /// Turn off growing drafts into trees up to the nearly free width.
+    #[arg(long)]
+    no_extension: bool,
+    /// Prompt positions between calibrated predictions (0 = from the cost model).
+    #[arg(long)]
+    calibration_stride: Option<u32>,
 }
 
 #[derive(Args)]
@@ -187,6 +220,21 @@ struct PplArgs {
 }
 
 impl SampleArgs {
+    /// The techniques the config turns on, minus those switched off here.
+    fn techniques(&self, cfg: &PluginsConfig) -> Techniques {
+        let t = &cfg.techniques;
+        Techniques {
+            calibration: t.calibration && !self.no_calibration,
+            reuse: t.reuse && !self.no_reuse,
+            extension: t.extension && !self.no_extension,
+            calibration_stride: self.calibration_stride.unwrap_or(t.calibration_stride),
+        }
+    }
+
+    fn params_with(&self, cfg: &PluginsConfig) -> Result<GenerateParams> {
+        Ok(GenerateParams { techniques: self.techniques(cfg), ..self.params()? })
+    }
+
     fn params(&self) -> Result<GenerateParams> {
         if self.temp < 0.0 || !(0.0..=1.0).contains(&self.top_p) || !(0.0..=1.0).contains(&self.min_p) || self.repeat_penalty <= 0.0 {
             bail!("invalid sampling options: need temp >= 0, 0 <= top-p <= 1, 0 <= min-p <= 1, repeat-penalty > 0");
@@ -225,6 +273,17 @@ fn attach_drafter(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Re
     Ok(())
 }
 
+/// Installs the scheduler (measuring the cost model first if this machine, model and backend
+/// have no cached calibration).
+fn attach_scheduler(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {
+    let name = cli.map(str::to_string).unwrap_or_else(|| cfg.default_scheduler());
+    let sched = coordgen::scheduler::load_scheduler(cfg, &name)?;
+    if !coordgen::calibrate::is_cached(s) {
+        eprintln!("calibrating the cost model for this machine, model and backend (once; `coordgen calibrate` redoes it)...");
+    }
+    s.set_scheduler(sched)
+}
+
 fn open_session(cfg: &PluginsConfig, m: &ModelArgs) -> Result<Session> {
     let name = m.backend.clone().unwrap_or_else(|| cfg.target_backend.clone());
     let (mut backend, _) = plugins::load_backend(cfg, &name)?;
@@ -255,10 +314,11 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
         (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?,
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    let params = a.sample.params()?;
     let cfg = PluginsConfig::load(config.as_deref())?;
+    let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
+    attach_scheduler(&cfg, &mut s, a.sample.scheduler.as_deref())?;
     let prompt_text = if a.chat {
         let mut msgs = Vec::new();
         if let Some(sys) = &a.system {
@@ -307,10 +367,11 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
-    let params = a.sample.params()?;
     let cfg = PluginsConfig::load(config.as_deref())?;
+    let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
+    attach_scheduler(&cfg, &mut s, a.sample.scheduler.as_deref())?;
     let mut msgs = Vec::new();
     if let Some(sys) = &a.system {
         msgs.push(Message::new("system", sys));
@@ -409,6 +470,14 @@ fn cmd_plugins(config: &Option<PathBuf>) -> Result<()> {
 fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path) -> Result<()> {
     use coordgen::workload;
     let mut prompts = workload::load(path)?;
+    if a.per_category > 0 {
+        let mut seen = std::collections::HashMap::new();
+        prompts.retain(|p| {
+            let n = seen.entry(p.category.clone()).or_insert(0usize);
+            *n += 1;
+            *n <= a.per_category
+        });
+    }
     if a.limit > 0 {
         prompts.truncate(a.limit);
     }
@@ -420,8 +489,15 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
         std::env::set_var("COORDGEN_CACHE", &dir);
     }
     let cfg = PluginsConfig::load(config.as_deref())?;
-    let mut modes = workload::load_modes(&cfg, &a.modes)?;
     let mut s = open_session(&cfg, &a.model)?;
+    attach_scheduler(&cfg, &mut s, None)?;
+    let mut modes = if a.ablation {
+        workload::ablation_modes(&cfg, &s)?
+    } else {
+        let t = &cfg.techniques;
+        let tech = Techniques { calibration: t.calibration, reuse: t.reuse, extension: t.extension, calibration_stride: t.calibration_stride };
+        workload::load_modes(&cfg, &a.modes, &s, &tech)?
+    };
     let json = a.json;
     let results = workload::run(&mut s, &prompts, &mut modes, a.max_tokens, &mut |r| {
         let line = format!(
@@ -435,9 +511,15 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     if json {
         println!("{}", serde_json::json!({ "model": a.model.model, "max_tokens": a.max_tokens, "results": results, "summary": summary }));
     } else {
-        println!("\n{:<16} {:<16} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}", "group", "mode", "prompts", "median x", "min x", "tok/s", "acc/step", "identical");
+        println!(
+            "\n{:<16} {:<12} {:>7} {:>9} {:>7} {:>8} {:>9} {:>10} {:>9} {:>9}",
+            "group", "mode", "prompts", "median x", "min x", "tok/s", "acc/step", "e2e ms", "cpu s/tok", "identical"
+        );
         for g in &summary {
-            println!("{:<16} {:<16} {:>7} {:>9.2} {:>9.2} {:>10.2} {:>9.2} {:>6}/{}", g.group, g.mode, g.prompts, g.median_speedup, g.min_speedup, g.median_decode_tps, g.mean_accepted, g.identical, g.prompts);
+            println!(
+                "{:<16} {:<12} {:>7} {:>9.2} {:>7.2} {:>8.2} {:>9.2} {:>10.0} {:>9.3} {:>6}/{}",
+                g.group, g.mode, g.prompts, g.median_speedup, g.min_speedup, g.median_decode_tps, g.mean_accepted, g.median_e2e_ms, g.cpu_s_per_token, g.identical, g.prompts
+            );
         }
     }
     if results.iter().any(|r| !r.identical_to_plain) {
@@ -446,9 +528,48 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     Ok(())
 }
 
+fn cmd_calibrate(config: &Option<PathBuf>, a: CalibrateArgs) -> Result<()> {
+    let cfg = PluginsConfig::load(config.as_deref())?;
+    let mut s = open_session(&cfg, &a.model)?;
+    let (samples, _) = coordgen::calibrate::cost_samples(&mut s, true)?;
+    s.costs = samples.clone();
+    let mut sched = coordgen::scheduler::load_scheduler(&cfg, &cfg.default_scheduler())?;
+    sched.observe_costs(&samples)?;
+    let chunk = sched.prefill_chunk(512, 512)?;
+    let ctxs: Vec<u32> = {
+        let mut c: Vec<u32> = samples.iter().map(|x| x.context).collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    };
+    let free: Vec<(u32, u32)> = ctxs.iter().map(|&c| Ok((c, sched.free_width(c, 32)?))).collect::<Result<_>>()?;
+    let stride = s.calibration_stride(0.10);
+    if a.json {
+        let rows: Vec<serde_json::Value> =
+            samples.iter().map(|x| serde_json::json!({"width": x.width, "context": x.context, "logit_rows": x.rows, "ms": x.micros as f64 / 1e3})).collect();
+        let free: Vec<serde_json::Value> = free.iter().map(|(c, w)| serde_json::json!({"context": c, "free_width": w})).collect();
+        println!("{}", serde_json::json!({"samples": rows, "prefill_chunk": chunk, "free_width": free, "calibration_stride": stride, "scheduler": sched.name()}));
+    } else {
+        println!("{:>8} {:>6} {:>6} {:>10} {:>8}", "context", "width", "rows", "ms", "x w=1");
+        for x in &samples {
+            let one = samples.iter().find(|y| y.context == x.context && y.width == 1).map(|y| y.micros as f64).unwrap_or(f64::NAN);
+            println!("{:>8} {:>6} {:>6} {:>10.2} {:>8.2}", x.context, x.width, x.rows, x.micros as f64 / 1e3, x.micros as f64 / one);
+        }
+        println!("scheduler {}: prefill chunk {chunk}; nearly free verify width {:?} (context, width); calibration stride {stride}", sched.name(), free);
+    }
+    Ok(())
+}
+
 fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
     use coordgen::bench;
     if let Some(w) = a.workload.clone() {
+        return cmd_workload(config, &a, &w);
+    }
+    if a.ablation {
+        let w = PathBuf::from("../shared/eval/public.jsonl");
+        if !w.exists() {
+            bail!("--ablation runs --workload FILE (default ../shared/eval/public.jsonl, which is not there)");
+        }
         return cmd_workload(config, &a, &w);
     }
     let mut m = a.model.clone();
@@ -526,6 +647,7 @@ fn main() {
         Cmd::Plugins => cmd_plugins(&cli.config),
         Cmd::Bench(a) => cmd_bench(&cli.config, a),
         Cmd::Index(a) => cmd_index(a),
+        Cmd::Calibrate(a) => cmd_calibrate(&cli.config, a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -102,7 +102,41 @@ pub trait Drafter: Send {
     fn observe(&mut self, feedback: &Feedback) -> PResult<()>;
     /// Model file whose vocabulary the drafter's ids come from (`None` = token-agnostic).
     fn vocabulary(&self) -> Option<PathBuf>;
+    /// Top predictions per prompt position the drafter wants from the target (0 = none).
+    fn calibration_top_k(&self) -> u32 {
+        0
+    }
+    fn calibrate(&mut self, _c: &Predictions) -> PResult<()> {
+        Ok(())
+    }
     fn finish(&mut self) -> PResult<()>;
+}
+
+/// The target's top-`k` predictions at some prompt positions (see the interface crate's
+/// `Calibration`): entry `i` is position `positions[i]`, its tokens and probabilities at
+/// `tokens[i*k..(i+1)*k]`, `probs[i*k..(i+1)*k]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Predictions {
+    pub k: usize,
+    pub positions: Vec<u32>,
+    pub tokens: Vec<u32>,
+    pub probs: Vec<f32>,
+}
+
+impl Predictions {
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+    /// Keeps only positions below `n`.
+    pub fn truncate_positions(&mut self, n: u32) {
+        let keep = self.positions.iter().take_while(|&&p| p < n).count();
+        self.positions.truncate(keep);
+        self.tokens.truncate(keep * self.k);
+        self.probs.truncate(keep * self.k);
+    }
 }
 
 /// A loaded library, as `coordgen plugins` lists it.
@@ -117,16 +151,16 @@ pub struct LoadedInfo {
     pub path: PathBuf,
 }
 
-fn load_err(plugin: &str, message: impl Into<String>) -> PluginError {
+pub(crate) fn load_err(plugin: &str, message: impl Into<String>) -> PluginError {
     PluginError::Load { plugin: plugin.to_string(), message: message.into() }
 }
 
-fn options_json(entry: &PluginEntry) -> String {
+pub(crate) fn options_json(entry: &PluginEntry) -> String {
     serde_json::to_string(&entry.options).unwrap_or_else(|_| "{}".into())
 }
 
 /// Opens the library and checks that it holds a root module of the expected kind.
-fn open_header(entry: &PluginEntry, path: &Path, expected_root: &str) -> PResult<&'static LibHeader> {
+pub(crate) fn open_header(entry: &PluginEntry, path: &Path, expected_root: &str) -> PResult<&'static LibHeader> {
     let header = lib_header_from_path(path).map_err(|e| load_err(&entry.name, format!("cannot load {}: {e}", path.display())))?;
     let root = header.root_mod_consts().name();
     if root.as_str() != expected_root {
@@ -136,7 +170,7 @@ fn open_header(entry: &PluginEntry, path: &Path, expected_root: &str) -> PResult
     Ok(header)
 }
 
-fn check_info(entry: &PluginEntry, path: &Path, info: &PluginInfo) -> PResult<LoadedInfo> {
+pub(crate) fn check_info(entry: &PluginEntry, path: &Path, info: &PluginInfo) -> PResult<LoadedInfo> {
     if info.interface_version != INTERFACE_VERSION {
         return Err(load_err(
             &entry.name,
@@ -158,7 +192,7 @@ fn check_info(entry: &PluginEntry, path: &Path, info: &PluginInfo) -> PResult<Lo
     })
 }
 
-fn version_msg(e: impl std::fmt::Display) -> String {
+pub(crate) fn version_msg(e: impl std::fmt::Display) -> String {
     format!("incompatible plugin (built against another interface version or layout): {e}")
 }
 
@@ -263,7 +297,7 @@ struct ForeignBackend {
 }
 
 /// Converts a plugin call's result, naming the plugin in the error.
-fn call<T>(plugin: &str, r: RResult<T, RString>) -> PResult<T> {
+pub(crate) fn call<T>(plugin: &str, r: RResult<T, RString>) -> PResult<T> {
     r.into_result().map_err(|e| PluginError::Call { plugin: plugin.to_string(), message: e.into_string() })
 }
 
@@ -390,6 +424,19 @@ impl Drafter for ForeignDrafter {
     fn vocabulary(&self) -> Option<PathBuf> {
         let v = self.obj.vocabulary().into_string();
         (!v.is_empty()).then(|| PathBuf::from(v))
+    }
+    fn calibration_top_k(&self) -> u32 {
+        self.obj.calibration_top_k()
+    }
+    fn calibrate(&mut self, c: &Predictions) -> PResult<()> {
+        let cal = coordgen_interface::Calibration {
+            k: c.k as u32,
+            positions: RVec::from_slice(&c.positions),
+            tokens: RVec::from_slice(&c.tokens),
+            probs: RVec::from_slice(&c.probs),
+        };
+        let r = self.obj.calibrate(&cal);
+        self.call(r)
     }
     fn finish(&mut self) -> PResult<()> {
         let r = self.obj.finish();

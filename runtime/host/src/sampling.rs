@@ -75,6 +75,24 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `k` most likely tokens of `logits` (ties: lower index first) with their softmax
+/// probabilities over the whole vocabulary.
+pub fn top_k_probs(logits: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    let mut floor = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if top.len() < k || v > floor {
+            let at = top.iter().position(|&(_, x)| v > x).unwrap_or(top.len());
+            top.insert(at, (i as u32, v));
+            top.truncate(k);
+            floor = top.last().map(|x| x.1).unwrap_or(f32::NEG_INFINITY);
+        }
+    }
+    let mx = top.first().map(|x| x.1).unwrap_or(0.0);
+    let sum: f32 = logits.iter().map(|&v| (v - mx).exp()).sum();
+    (top.iter().map(|x| x.0).collect(), top.iter().map(|x| (x.1 - mx).exp() / sum).collect())
+}
+
 pub struct Sampler {
     pub params: SamplingParams,
     rng: Rng,
@@ -166,6 +184,15 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_probs_are_the_largest_with_softmax_mass() {
+        let l = [0.0f32, 2.0, 1.0, 2.0, -1.0];
+        let (t, p) = top_k_probs(&l, 3);
+        assert_eq!(t, vec![1, 3, 2]);
+        let z: f32 = l.iter().map(|v| v.exp()).sum();
+        assert!((p[0] - 2f32.exp() / z).abs() < 1e-6 && (p[2] - 1f32.exp() / z).abs() < 1e-6);
+    }
 
     #[test]
     fn greedy_picks_argmax_and_lowest_tie() {

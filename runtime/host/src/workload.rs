@@ -12,8 +12,9 @@ use serde::Serialize;
 use crate::bench::median;
 use crate::chat::Message;
 use crate::config::PluginsConfig;
-use crate::engine::{GenerateParams, Session};
+use crate::engine::{GenerateParams, Session, Techniques};
 use crate::plugins::{self, Drafter};
+use crate::scheduler::{load_scheduler, Scheduler};
 
 /// Categories whose prompts carry the context the output draws on.
 pub const CONTEXT_HEAVY: [&str; 4] = ["summarization", "rag", "code_edit", "extraction"];
@@ -65,6 +66,8 @@ pub struct ModeResult {
     pub decode_ms: f64,
     /// Prefill (of the whole prompt, measured once per prompt) plus this mode's decode.
     pub e2e_ms: f64,
+    /// Drafted tokens accepted from reused segments of rejected drafts.
+    pub reused: u64,
     /// Process CPU time (all threads) per generated token, seconds.
     pub cpu_s_per_token: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,37 +85,88 @@ pub fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// A decoding mode: `plain`, a drafter name, or drafters joined by `+`.
+/// A decoding mode: a drafter (None = plain), the scheduler and the techniques it runs with.
 pub struct Mode {
     pub name: String,
     pub drafter: Option<Box<dyn Drafter>>,
+    pub scheduler: Option<Box<dyn Scheduler>>,
+    pub techniques: Techniques,
 }
 
-pub fn load_modes(cfg: &PluginsConfig, names: &[String]) -> Result<Vec<Mode>> {
+/// Modes `plain`, a drafter name, or drafters joined by `+`, each with the configuration's
+/// scheduler and techniques; the scheduler is fed the session's calibration.
+pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques: &Techniques) -> Result<Vec<Mode>> {
     let mut modes = Vec::new();
+    let mut names: Vec<String> = names.to_vec();
+    if !names.iter().any(|m| m == "plain") {
+        names.insert(0, "plain".into());
+    }
     for n in names {
         let drafter = if n == "plain" { None } else { Some(plugins::load_drafters(cfg, &n.replace('+', ","))?) };
-        modes.push(Mode { name: n.clone(), drafter });
-    }
-    if !modes.iter().any(|m| m.name == "plain") {
-        modes.insert(0, Mode { name: "plain".into(), drafter: None });
+        modes.push(mode(cfg, s, &n, drafter, &cfg.default_scheduler(), techniques.clone())?);
     }
     Ok(modes)
+}
+
+fn mode(cfg: &PluginsConfig, s: &Session, name: &str, drafter: Option<Box<dyn Drafter>>, sched: &str, techniques: Techniques) -> Result<Mode> {
+    let mut sc = load_scheduler(cfg, sched)?;
+    sc.observe_costs(&s.costs)?;
+    Ok(Mode { name: name.into(), drafter, scheduler: Some(sc), techniques })
+}
+
+/// The ablation of `coordgen bench --ablation`: plain; prompt lookup alone (`pld`, the n-gram
+/// drafter without its learned cache); retrieval alone; + calibration; + reuse and
+/// extension; + adaptive scheduling (`full`). All but `full` use the fixed schedule.
+pub fn ablation_modes(cfg: &PluginsConfig, s: &Session) -> Result<Vec<Mode>> {
+    let mut cfg = cfg.clone();
+    let mut pld = cfg.entry("ngram").cloned().context("the ablation needs the 'ngram' drafter plugin in the config")?;
+    pld.name = "pld".into();
+    pld.options.insert("cache".into(), toml::Value::Boolean(false));
+    cfg.plugins.push(pld);
+    let retrieval = || plugins::load_drafters(&cfg, "retrieval").map(Some);
+    let none = Techniques::none();
+    let cal = Techniques { calibration: true, ..Techniques::none() };
+    let all = Techniques::default();
+    Ok(vec![
+        mode(&cfg, s, "plain", None, "fixed", none.clone())?,
+        mode(&cfg, s, "pld", Some(plugins::load_drafters(&cfg, "pld")?), "fixed", none.clone())?,
+        mode(&cfg, s, "retrieval", retrieval()?, "fixed", none)?,
+        mode(&cfg, s, "calibrated", retrieval()?, "fixed", cal)?,
+        mode(&cfg, s, "extended", retrieval()?, "fixed", all.clone())?,
+        mode(&cfg, s, "full", retrieval()?, &cfg.default_scheduler(), all)?,
+    ])
 }
 
 /// Runs every prompt in every mode (plain first and again last, as the reference).
 /// `progress` is told each prompt's results as they are measured.
 pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: usize, progress: &mut dyn FnMut(&ModeResult)) -> Result<Vec<ModeResult>> {
-    let params = GenerateParams { max_tokens, ..Default::default() };
     let mut results = Vec::new();
+    // Calibrated predictions wanted by any mode (top-k, stride).
+    let calib = modes.iter().find(|m| m.techniques.calibration).and_then(|m| {
+        let k = m.drafter.as_ref().map(|d| d.calibration_top_k()).unwrap_or(0) as usize;
+        let stride = match m.techniques.calibration_stride {
+            0 => s.calibration_stride(0.10),
+            x => x,
+        };
+        (k > 0).then_some((k, stride))
+    });
     for p in prompts {
         let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
         let tokens = s.tok.encode(&text, true)?;
-        // Prefill once, timed, so every mode decodes from the same cached prompt.
-        s.reset()?;
-        let t = std::time::Instant::now();
-        s.prefill(&tokens).with_context(|| format!("prompt {}", p.id))?;
-        let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
+        // Prefill timed once per variant (plain; with calibrated predictions if a mode uses
+        // them), then every mode decodes from the same cached prompt, and calibrated modes
+        // get the predictions kept with it.
+        let mut prefill = |c: Option<(usize, u32)>| -> Result<f64> {
+            s.reset()?;
+            let t = std::time::Instant::now();
+            s.prefill_with(&tokens, c).with_context(|| format!("prompt {}", p.id))?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        };
+        let prefill_ms = prefill(None)?;
+        let prefill_cal_ms = match calib {
+            Some(c) => prefill(Some(c))?,
+            None => prefill_ms,
+        };
         // Plain runs first and again last; speedups are over the mean of the two, so drift
         // of the machine's speed during a prompt does not favour either side.
         let mut rows: Vec<ModeResult> = Vec::new();
@@ -123,10 +177,14 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
         for (k, &mi) in order.iter().enumerate() {
             let m = &mut modes[mi];
             s.set_drafter(m.drafter.take()).with_context(|| format!("mode {}", m.name))?;
+            s.scheduler = m.scheduler.take();
+            let params = GenerateParams { max_tokens, techniques: m.techniques.clone(), ..Default::default() };
             let cpu0 = cpu_seconds();
             let g = s.generate(&tokens, &params, &mut |_| {});
             let cpu = cpu_seconds() - cpu0;
             m.drafter = s.drafter.take();
+            m.scheduler = s.scheduler.take();
+            let pf = if m.techniques.calibration && m.drafter.is_some() { prefill_cal_ms } else { prefill_ms };
             let g = g.with_context(|| format!("prompt {} in mode {}", p.id, m.name))?;
             let tps = g.timings.decode_tps();
             let identical = match &plain_tokens {
@@ -160,9 +218,10 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
                 mean_accepted: spec.mean_accepted,
                 tokens_per_step: if spec.steps > 0 { spec.tokens_per_step } else { 1.0 },
                 identical_to_plain: identical,
-                prefill_ms,
+                prefill_ms: pf,
                 decode_ms: g.timings.decode_ms,
-                e2e_ms: prefill_ms + g.timings.decode_ms,
+                e2e_ms: pf + g.timings.decode_ms,
+                reused: spec.reused,
                 cpu_s_per_token: cpu / g.tokens.len().max(1) as f64,
                 drafter_error: spec.drafter_error.clone(),
             });
@@ -261,6 +320,7 @@ mod tests {
             prefill_ms: 0.0,
             decode_ms: 0.0,
             e2e_ms: 0.0,
+            reused: 0,
             cpu_s_per_token: 0.0,
             drafter_error: None,
         };

@@ -6,7 +6,9 @@
 //! index, so parents always precede children). A linear draft is the one-branch case.
 //! Sibling tokens should be distinct (the host ignores repeated siblings).
 //!
-//! Call order per request: `begin(prompt)`, then any number of `propose` / `observe` pairs
+//! Call order per request: `begin(prompt)`, then (if the drafter asked for it with
+//! `calibration_top_k` and the host has calibration on) one `calibrate` with the target
+//! model's own predictions over the prompt, then any number of `propose` / `observe` pairs
 //! (`propose` may also be followed by another `propose` when the host skipped verification),
 //! then `finish`. `propose` returns an empty tree when the drafter has nothing to offer.
 
@@ -55,6 +57,19 @@ pub struct DraftFeedback {
     pub accepted_nodes: RVec<u32>,
 }
 
+/// The target model's own predictions at some prompt positions, computed during prefill
+/// (in-context distribution calibration). Entry `i` is about position `positions[i]`: the
+/// `k` most likely tokens to follow `prompt[..=positions[i]]`, most likely first, with their
+/// probabilities, at `tokens[i*k..(i+1)*k]` and `probs[i*k..(i+1)*k]`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, Default)]
+pub struct Calibration {
+    pub k: u32,
+    pub positions: RVec<u32>,
+    pub tokens: RVec<u32>,
+    pub probs: RVec<f32>,
+}
+
 #[sabi_trait]
 pub trait DrafterFfi: Send {
     /// Starts a request whose prompt is `prompt`.
@@ -70,6 +85,13 @@ pub trait DrafterFfi: Send {
     /// empty string when the drafter is token-agnostic (it only copies ids it was given).
     /// The host refuses a drafter whose vocabulary differs from the target model's.
     fn vocabulary(&self) -> RString;
+
+    /// How many of the target's top predictions per prompt position the drafter wants
+    /// (0 = it does not use calibration, and the host computes none).
+    fn calibration_top_k(&self) -> u32;
+
+    /// Delivers the target's predictions over the prompt (after `begin`, before `propose`).
+    fn calibrate(&mut self, calibration: &Calibration) -> RResult<(), RString>;
 
     /// Ends the request (drafters may persist what they learned).
     #[sabi(last_prefix_field)]

@@ -5,7 +5,7 @@
 
 use abi_stable::std_types::{RResult, RSlice, RString};
 
-use crate::{guard, BackendBox, BackendModRef, DraftBudget, DraftFeedback, DraftTree, DrafterFfi};
+use crate::{guard, BackendBox, BackendModRef, Calibration, DraftBudget, DraftFeedback, DraftTree, DrafterFfi};
 
 /// The plain-Rust side of a drafter plugin (see [`DrafterFfi`] for the call order).
 pub trait DraftSource: Send + 'static {
@@ -16,6 +16,13 @@ pub trait DraftSource: Send + 'static {
     /// Model file whose tokenizer the drafter's ids come from ("" = token-agnostic).
     fn vocabulary(&self) -> String {
         String::new()
+    }
+    /// Top predictions per prompt position wanted from the target (0 = none).
+    fn calibration_top_k(&self) -> u32 {
+        0
+    }
+    fn calibrate(&mut self, _calibration: &Calibration) -> Result<(), String> {
+        Ok(())
     }
     fn finish(&mut self) -> Result<(), String> {
         Ok(())
@@ -40,6 +47,12 @@ impl<T: DraftSource> DrafterFfi for Guarded<T> {
             Ok(s) => s.into(),
             Err(_) => RString::new(),
         }
+    }
+    fn calibration_top_k(&self) -> u32 {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.calibration_top_k())).unwrap_or(0)
+    }
+    fn calibrate(&mut self, calibration: &Calibration) -> RResult<(), RString> {
+        guard(|| self.0.calibrate(calibration))
     }
     fn finish(&mut self) -> RResult<(), RString> {
         guard(|| self.0.finish())

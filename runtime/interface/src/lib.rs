@@ -14,12 +14,14 @@
 #![allow(non_local_definitions)]
 
 pub mod backend;
+pub mod cost_model;
 pub mod drafter;
 pub mod drafter_kit;
 pub mod scheduler;
 
 pub use abi_stable;
 pub use backend::*;
+pub use cost_model::CostModel;
 pub use drafter::*;
 pub use drafter_kit::*;
 pub use scheduler::*;
@@ -28,7 +30,7 @@ use abi_stable::std_types::{RResult, RString};
 use abi_stable::StableAbi;
 
 /// Version of the plugin contract. Bumped on any semantic change of the traits below.
-pub const INTERFACE_VERSION: u32 = 2;
+pub const INTERFACE_VERSION: u32 = 3;
 
 /// What kind of plugin a library holds.
 #[repr(u8)]

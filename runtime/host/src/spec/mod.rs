@@ -5,6 +5,7 @@
 
 pub mod emit;
 pub mod policy;
+pub mod reuse;
 pub mod run;
 pub mod stage;
 pub mod tree;

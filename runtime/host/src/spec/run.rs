@@ -10,13 +10,17 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 
+use coordgen_interface::CostSample;
+
 use super::emit::Emitter;
-use super::policy::{Budget, Policy};
+use super::policy::Policy;
+use super::reuse::Reuse;
 use super::stage::DraftStage;
-use super::tree::{self, Tree};
-use crate::engine::{GenerateParams, Generation, Session, Timings};
+use super::tree::{self, Tree, HOST_NODE};
+use crate::engine::{GenerateParams, Generation, Session, Timings, DEFAULT_PREFILL_CHUNK};
 use crate::plugins::{Drafter, Feedback, Forward};
 use crate::sampling::Sampler;
+use crate::scheduler::{Budget, Fixed, Scheduler};
 
 /// What speculation did during one request.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -41,6 +45,15 @@ pub struct SpecStats {
     pub draft_ms: f64,
     pub verify_ms: f64,
     pub accept_ms: f64,
+    /// The scheduler that planned the steps, and the prefill chunk it chose.
+    pub scheduler: String,
+    pub prefill_chunk: usize,
+    /// Prompt positions with the target's predictions handed to the drafter (calibration),
+    /// and the stride between them.
+    pub calibrated_positions: usize,
+    pub calibration_stride: u32,
+    /// Drafted tokens accepted from reused segments of earlier rejected drafts.
+    pub reused: u64,
     /// Set when the drafter failed and the request went on with plain decoding.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drafter_error: Option<String>,
@@ -95,8 +108,10 @@ impl Session {
     /// each new piece of text as soon as its tokens are accepted.
     pub fn generate(&mut self, prompt: &[u32], p: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
         let drafter = self.drafter.take();
-        let (back, r) = self.run(prompt, p, drafter, on_text);
+        let sched = self.scheduler.take().unwrap_or_else(|| Box::new(Fixed::new(4, DEFAULT_PREFILL_CHUNK as u32)));
+        let (back, sched, r) = self.run(prompt, p, drafter, sched, on_text);
         self.drafter = back;
+        self.scheduler = Some(sched);
         r
     }
 
@@ -105,22 +120,56 @@ impl Session {
         prompt: &[u32],
         p: &GenerateParams,
         drafter: Option<Box<dyn Drafter>>,
+        mut sched: Box<dyn Scheduler>,
         on_text: &mut dyn FnMut(&str),
-    ) -> (Option<Box<dyn Drafter>>, Result<Generation>) {
+    ) -> (Option<Box<dyn Drafter>>, Box<dyn Scheduler>, Result<Generation>) {
         let _span = tracing::info_span!("generate", prompt_tokens = prompt.len()).entered();
         let t0 = Instant::now();
+        let max_fwd = match self.backend.capabilities().max_width {
+            0 => 512,
+            w => w.min(512),
+        };
+        match sched.prefill_chunk(prompt.len() as u32, max_fwd) {
+            Ok(c) => self.prefill_chunk = c.max(1) as usize,
+            Err(e) => tracing::warn!(error = %e, "scheduler could not size the prefill chunk"),
+        }
+        // Context-aligned drafting: the target's own predictions over the prompt, for
+        // drafters that ask for them.
+        let top_k = match &drafter {
+            Some(d) if p.techniques.calibration => d.calibration_top_k().min(16) as usize,
+            _ => 0,
+        };
+        let stride = match p.techniques.calibration_stride {
+            0 => self.calibration_stride(0.10),
+            s => s,
+        };
         // The drafter's begin (indexing the prompt, or a draft model's prefill) runs on its
         // own thread while the target prefills.
         let mut stage = drafter.map(|d| DraftStage::start(d, prompt));
-        let mut stats = SpecStats { drafter: stage.as_ref().map(|s| s.name().to_string()).unwrap_or_default(), ..Default::default() };
+        let mut stats = SpecStats {
+            drafter: stage.as_ref().map(|s| s.name().to_string()).unwrap_or_default(),
+            scheduler: sched.name().to_string(),
+            prefill_chunk: self.prefill_chunk,
+            ..Default::default()
+        };
         let prefill = {
-            let _s = tracing::info_span!("prefill").entered();
-            self.prefill(prompt)
+            let _s = tracing::info_span!("prefill", chunk = self.prefill_chunk, calibration_top_k = top_k).entered();
+            self.prefill_with(prompt, (top_k > 0).then_some((top_k, stride)))
         };
         let (logits, computed) = match prefill {
             Ok(x) => x,
-            Err(e) => return (stage.and_then(|s| s.stop().0), Err(e)),
+            Err(e) => return (stage.and_then(|s| s.stop().0), sched, Err(e)),
         };
+        if top_k > 0 {
+            if let Some(s) = stage.as_mut() {
+                let mut pr = self.predictions.clone();
+                pr.truncate_positions(prompt.len() as u32);
+                stats.calibrated_positions = pr.len();
+                stats.calibration_stride = stride;
+                // A lost stage shows up at the first proposal.
+                let _ = s.calibrate(pr);
+            }
+        }
         let mut timings = Timings { prompt_tokens: prompt.len(), prefill_tokens: computed, prefill_ms: t0.elapsed().as_secs_f64() * 1e3, ..Default::default() };
         let mut sampler = Sampler::new(p.sampling.clone());
         let mut em = Emitter::new(&self.tok, &p.stop, p.stop_at_eos, p.max_tokens);
@@ -128,13 +177,9 @@ impl Session {
         let mut returned: Option<Box<dyn Drafter>> = None;
         // Verify latencies per width carry over between requests (they belong to the backend
         // and model); acceptance and drafting costs start afresh with each request.
-        let mut policy = match self.policy.take() {
-            Some(mut pol) if pol.shape() == (p.max_draft_depth.max(1), p.max_draft_width.max(2)) => {
-                pol.new_request();
-                pol
-            }
-            _ => Policy::new(p.max_draft_depth, p.max_draft_width),
-        };
+        let mut policy = Policy::new(p.max_draft_depth);
+        let mut reuse = Reuse::default();
+        let max_width = p.max_draft_width.max(2);
         let r = (|| -> Result<()> {
             let _s = tracing::info_span!("decode").entered();
             let mut pending = sampler.sample(&logits, &self.cached);
@@ -160,7 +205,13 @@ impl Session {
                 let budget = match (&stage, p.draft_budget) {
                     (None, _) => Budget { depth: 0, nodes: 0 },
                     (Some(_), Some((nodes, depth))) => Budget { depth, nodes },
-                    (Some(_), None) => policy.plan(),
+                    (Some(_), None) => {
+                        let remaining = p.max_tokens.saturating_sub(em.tokens.len());
+                        sched.plan_step(&policy.input(base + 1, remaining, max_width, p.techniques.extension)).unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "scheduler failed; plain step");
+                            Budget { depth: 0, nodes: 0 }
+                        })
+                    }
                 };
                 let mut tree = Tree::default();
                 if budget.depth > 0 && room > 0 {
@@ -168,15 +219,23 @@ impl Session {
                     let mut seq = Vec::with_capacity(base + 1);
                     seq.extend_from_slice(&self.cached);
                     seq.push(pending);
-                    let nodes = budget.nodes.min(room);
-                    let checked = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string()).and_then(|(d, ms)| {
+                    let nodes = budget.nodes.max(1).min(room);
+                    // A reused segment gets up to half the nodes; the drafter the rest.
+                    let offer = if p.techniques.reuse { reuse.offer() } else { &[] };
+                    let reserve = (offer.len() as u32).min(nodes / 2);
+                    let checked = s.propose(&seq, nodes - reserve, budget.depth).map_err(|e| e.to_string()).and_then(|(d, ms)| {
                         stats.draft_ms += ms;
-                        let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
-                        policy.record_draft(t.max_depth(), ms);
+                        let t = tree::check(&d, nv, (nodes - reserve) as usize, budget.depth)?;
+                        policy.record_draft(t.max_depth().max(1), ms);
                         Ok(t)
                     });
                     match checked {
-                        Ok(t) => tree = t,
+                        Ok(mut t) => {
+                            if !offer.is_empty() {
+                                t.add_branch(offer, nodes as usize, budget.depth);
+                            }
+                            tree = t
+                        }
                         Err(e) => {
                             // A failing drafter never costs a wrong token: finish plainly.
                             tracing::warn!(drafter = %stats.drafter, error = %e, "drafter failed; continuing with plain decoding");
@@ -186,6 +245,7 @@ impl Session {
                         }
                     }
                 }
+                let tree_depth = tree.max_depth();
                 let (tokens, positions, mask) = tree::batch(pending, base as u32, &tree);
                 let w = tokens.len();
                 let rows: Vec<u32> = (0..w as u32).collect();
@@ -195,8 +255,12 @@ impl Session {
                     let mask: &[u8] = if w == 1 { &[] } else { &mask };
                     self.backend.forward(&Forward { slot: self.slot, tokens: &tokens, positions: &positions, mask, logit_rows: &rows })?
                 };
-                let verify_ms = tv.elapsed().as_secs_f64() * 1e3;
+                let verify_us = tv.elapsed().as_micros() as u64;
+                let verify_ms = verify_us as f64 / 1e3;
                 stats.verify_ms += verify_ms;
+                if let Err(e) = sched.observe_step(CostSample { width: w as u32, context: base as u32, rows: w as u32, micros: verify_us }) {
+                    tracing::warn!(error = %e, "scheduler could not record a step");
+                }
                 let ta = Instant::now();
                 self.cached.push(pending);
                 let v = {
@@ -212,7 +276,10 @@ impl Session {
                 new_tokens.push(v.next);
                 stats.accept_ms += ta.elapsed().as_secs_f64() * 1e3;
                 stats.record(&tree, v.accepted.len());
-                policy.record(tree.max_depth(), v.accepted.len() as u32, w, verify_ms);
+                policy.record(tree_depth, v.accepted.len() as u32);
+                if p.techniques.reuse && stage.is_some() {
+                    reuse.after_step(&tree, &logits, nv, &v, &new_tokens, p.max_draft_depth as usize);
+                }
                 let mut go = true;
                 for &t in &new_tokens {
                     if !em.push(t, on_text)? {
@@ -225,7 +292,7 @@ impl Session {
                         accepted: new_tokens.clone(),
                         n_accepted_draft: v.accepted.len() as u32,
                         n_drafted: tree.len() as u32,
-                        accepted_nodes: v.accepted.iter().map(|&i| tree.origin[i]).collect(),
+                        accepted_nodes: v.accepted.iter().map(|&i| tree.origin[i]).take_while(|&o| o != HOST_NODE).collect(),
                     });
                 }
                 if !go {
@@ -234,7 +301,7 @@ impl Session {
                 pending = v.next;
             }
         })();
-        self.policy = Some(policy);
+        stats.reused = reuse.accepted;
         em.flush(on_text);
         if let Some(s) = stage.take() {
             let (d, fin) = s.stop();
@@ -245,13 +312,13 @@ impl Session {
             returned = d;
         }
         if let Err(e) = r {
-            return (returned, Err(e));
+            return (returned, sched, Err(e));
         }
         timings.generated_tokens = em.tokens.len();
         timings.decode_ms = t1.elapsed().as_secs_f64() * 1e3;
         stats.finish();
         let spec = (!stats.drafter.is_empty()).then_some(stats);
         let g = Generation { text: em.text.clone(), tokens: em.tokens.clone(), finish_reason: em.finish.unwrap_or("length").to_string(), timings, spec };
-        (returned, Ok(g))
+        (returned, sched, Ok(g))
     }
 }

@@ -8,12 +8,13 @@ use std::time::Instant;
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
-use crate::plugins::{Draft, Drafter, Feedback, PResult, PluginError};
+use crate::plugins::{Draft, Drafter, Feedback, PResult, PluginError, Predictions};
 
 enum Cmd {
     Begin(Vec<u32>),
     Propose { sequence: Vec<u32>, nodes: u32, depth: u32 },
     Observe(Feedback),
+    Calibrate(Predictions),
 }
 
 enum Reply {
@@ -61,6 +62,10 @@ impl DraftStage {
                             Reply::Draft(d, t.elapsed().as_secs_f64() * 1e3)
                         }
                         Cmd::Observe(f) => Reply::Observed(drafter.observe(&f)),
+                        Cmd::Calibrate(c) => {
+                            let _s = tracing::info_span!("draft_calibrate", positions = c.len()).entered();
+                            Reply::Observed(drafter.calibrate(&c))
+                        }
                     };
                     if rtx.send(reply).is_err() {
                         break;
@@ -102,6 +107,13 @@ impl DraftStage {
             Reply::Draft(d, ms) => Some(d.map(|d| (d, ms))),
             _ => None,
         })
+    }
+
+    /// Hands the drafter the target's predictions over the prompt (before the first
+    /// proposal; an error surfaces at the next proposal).
+    pub fn calibrate(&mut self, c: Predictions) -> PResult<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| gone(&self.name))?;
+        tx.send(Cmd::Calibrate(c)).map_err(|_| gone(&self.name))
     }
 
     /// Reports a step's outcome (delivered before the next proposal; errors surface then).
@@ -185,6 +197,12 @@ impl Drafter for Chain {
     }
     fn vocabulary(&self) -> Option<std::path::PathBuf> {
         self.parts.iter().find_map(|p| p.vocabulary())
+    }
+    fn calibration_top_k(&self) -> u32 {
+        self.parts.iter().map(|p| p.calibration_top_k()).max().unwrap_or(0)
+    }
+    fn calibrate(&mut self, c: &Predictions) -> PResult<()> {
+        self.parts.iter_mut().filter(|p| p.calibration_top_k() > 0).try_for_each(|p| p.calibrate(c))
     }
     fn finish(&mut self) -> PResult<()> {
         let mut r = Ok(());

@@ -30,7 +30,39 @@ impl Tree {
     pub fn max_depth(&self) -> u32 {
         self.depths.iter().copied().max().unwrap_or(0)
     }
+
+    /// Merges `path` in as a branch from the root (sharing existing nodes), adding nodes
+    /// while the tree has fewer than `max_nodes` and the depth is within `max_depth`. Added
+    /// nodes have origin [`HOST_NODE`]. Returns how many nodes were added.
+    pub fn add_branch(&mut self, path: &[u32], max_nodes: usize, max_depth: u32) -> usize {
+        let mut parent = -1i32;
+        let mut added = 0;
+        for (k, &tok) in path.iter().enumerate() {
+            let depth = k as u32 + 1;
+            if depth > max_depth {
+                break;
+            }
+            match (0..self.len()).find(|&i| self.parents[i] == parent && self.tokens[i] == tok) {
+                Some(i) => parent = i as i32,
+                None => {
+                    if self.len() >= max_nodes {
+                        break;
+                    }
+                    self.tokens.push(tok);
+                    self.parents.push(parent);
+                    self.depths.push(depth);
+                    self.origin.push(HOST_NODE);
+                    parent = self.len() as i32 - 1;
+                    added += 1;
+                }
+            }
+        }
+        added
+    }
 }
+
+/// Origin of nodes the host added (reused segments), which the drafter never proposed.
+pub const HOST_NODE: u32 = u32::MAX;
 
 /// Checks a draft and trims it to the budget. A malformed tree (a parent that does not
 /// precede its child, mismatched lengths, a token outside the vocabulary) is an error; nodes

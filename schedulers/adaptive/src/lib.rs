@@ -1,0 +1,241 @@
+//! The adaptive scheduler plugin (CoordGen's default): a cost model per backend and model
+//! (calibration samples corrected by live verify timings) shapes every phase.
+//! - Prefill runs in chunks of the calibrated width with the best tokens per ms.
+//! - Each step's draft depth maximises expected tokens per ms: expected accepted tokens from
+//!   the host's per-depth acceptance estimates, over the modelled verify latency of the
+//!   tree's width plus the drafter's time. Depth 0 is a plain step; after a run of plain
+//!   steps a small probe keeps the statistics fresh.
+//! - With draft extension on, a draft of depth `d` may hold up to `free_width - 1` nodes,
+//!   where `free_width` is the widest batch costing at most `free_factor` x one token.
+//! - Static-graph backends get a progressive switching plan ([`switch`]).
+
+pub mod switch;
+
+use abi_stable::std_types::{RResult, RStr, RString, RVec};
+use coordgen_interface::{
+    guard, CostModel, CostSample, PluginInfo, PluginKind, SchedulerBox, SchedulerFfi, SchedulerFfi_TO, SchedulerMod, SchedulerModRef,
+    StepPlan, StepState, SwitchPlan, SwitchProblem, INTERFACE_VERSION,
+};
+use serde::Deserialize;
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// A width is "nearly free" when it costs at most this many times one token.
+    #[serde(default = "d_free_factor")]
+    pub free_factor: f64,
+    /// Plain steps before a probe draft.
+    #[serde(default = "d_probe_every")]
+    pub probe_every: u32,
+}
+
+fn d_free_factor() -> f64 {
+    1.1
+}
+fn d_probe_every() -> u32 {
+    12
+}
+
+pub struct Adaptive {
+    opts: Options,
+    /// Verification forwards (logits for every row).
+    verify: CostModel,
+    /// Prefill chunks (logits for one row).
+    prefill: CostModel,
+    plain_streak: u32,
+}
+
+impl Adaptive {
+    pub fn new(options: &str) -> Result<Adaptive, String> {
+        let opts: Options = serde_json::from_str(if options.trim().is_empty() { "{}" } else { options })
+            .map_err(|e| format!("adaptive scheduler options: {e}"))?;
+        Ok(Adaptive { opts, verify: CostModel::default(), prefill: CostModel::default(), plain_streak: 0 })
+    }
+
+    pub fn add_costs(&mut self, samples: &[CostSample]) {
+        let (v, p): (Vec<CostSample>, Vec<CostSample>) = samples.iter().partition(|s| s.rows == s.width);
+        self.verify.add_calibration(&v);
+        self.prefill.add_calibration(&p.into_iter().filter(|s| s.rows == 1).collect::<Vec<_>>());
+    }
+
+    pub fn observe(&mut self, s: CostSample) {
+        if s.rows == s.width {
+            self.verify.observe(s.width, s.context, s.micros as f64 / 1e3);
+        }
+    }
+
+    pub fn chunk(&self, n_prompt: u32, max_width: u32) -> u32 {
+        // Without prefill samples, the verify model (all rows) still ranks the widths.
+        let m = if self.prefill.is_empty() { &self.verify } else { &self.prefill };
+        m.best_throughput_width(n_prompt / 2, max_width).unwrap_or(max_width.min(128)).clamp(1, max_width.max(1))
+    }
+
+    pub fn free(&self, context: u32, max_width: u32) -> u32 {
+        if self.verify.is_empty() {
+            return 1;
+        }
+        self.verify.free_width(context, self.opts.free_factor, max_width)
+    }
+
+    /// Nodes a draft of depth `d` may hold.
+    fn nodes_for(&self, st: &StepState, d: u32) -> u32 {
+        let cap = st.max_width.max(2) - 1;
+        let n = if st.extension { d.max(self.free(st.context_len, st.max_width) - 1) } else { d };
+        n.min(cap).max(d.min(cap))
+    }
+
+    /// Expected tokens of a step whose draft goes `d` deep (the target's own token included).
+    fn expected_tokens(st: &StepState, d: u32) -> f64 {
+        let (mut e, mut reach) = (1.0, 1.0);
+        for k in 0..d as usize {
+            reach *= st.acceptance_by_depth.get(k).copied().unwrap_or(0.0) as f64;
+            e += reach;
+        }
+        e
+    }
+
+    pub fn plan(&mut self, st: &StepState) -> StepPlan {
+        let ctx = st.context_len;
+        let lat = |w: u32| self.verify.latency(w, ctx);
+        let mut best = (0u32, 1.0 / lat(1));
+        let max_depth = st.max_depth.min(st.acceptance_by_depth.len() as u32).min(st.max_width.max(2) - 1);
+        for d in 1..=max_depth {
+            let n = self.nodes_for(st, d);
+            let cost = lat(n + 1) + st.draft_ms_per_level as f64 * d as f64;
+            let rate = Self::expected_tokens(st, d) / cost;
+            if rate > best.1 {
+                best = (d, rate);
+            }
+        }
+        let mut d = best.0;
+        if d == 0 {
+            self.plain_streak += 1;
+            if self.plain_streak >= self.opts.probe_every && max_depth > 0 {
+                self.plain_streak = 0;
+                d = 2.min(max_depth);
+            }
+        } else {
+            self.plain_streak = 0;
+        }
+        StepPlan { draft_depth: d, draft_nodes: if d == 0 { 0 } else { self.nodes_for(st, d) } }
+    }
+}
+
+impl SchedulerFfi for Adaptive {
+    fn observe_costs(&mut self, samples: RVec<CostSample>) -> RResult<(), RString> {
+        guard(|| {
+            self.add_costs(&samples);
+            Ok(())
+        })
+    }
+    fn observe_step(&mut self, sample: CostSample) -> RResult<(), RString> {
+        guard(|| {
+            self.observe(sample);
+            Ok(())
+        })
+    }
+    fn prefill_chunk(&mut self, n_prompt: u32, max_width: u32) -> RResult<u32, RString> {
+        guard(|| Ok(self.chunk(n_prompt, max_width)))
+    }
+    fn free_width(&mut self, context: u32, max_width: u32) -> RResult<u32, RString> {
+        guard(|| Ok(self.free(context, max_width)))
+    }
+    fn switch_plan(&mut self, problem: &SwitchProblem) -> RResult<SwitchPlan, RString> {
+        guard(|| Ok(switch::plan(problem)))
+    }
+    fn plan_step(&mut self, state: &StepState) -> RResult<StepPlan, RString> {
+        guard(|| Ok(self.plan(state)))
+    }
+}
+
+extern "C" fn info() -> PluginInfo {
+    PluginInfo {
+        name: "adaptive".into(),
+        kind: PluginKind::Scheduler,
+        interface_version: INTERFACE_VERSION,
+        version: env!("CARGO_PKG_VERSION").into(),
+        description: "cost-model scheduling: prefill chunk, per-step draft budget, free tree width, graph switching".into(),
+    }
+}
+
+extern "C" fn create(options: RStr<'_>) -> RResult<SchedulerBox, RString> {
+    guard(|| Ok(SchedulerFfi_TO::from_value(Adaptive::new(options.as_str())?, abi_stable::sabi_trait::TD_Opaque)))
+}
+
+#[abi_stable::export_root_module]
+pub fn get_library() -> SchedulerModRef {
+    use abi_stable::prefix_type::PrefixTypeTrait;
+    SchedulerMod { info, create }.leak_into_prefix()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costs(per_extra: f64) -> Vec<CostSample> {
+        // 10 ms for one token, `per_extra` ms per extra token, at two contexts.
+        [64u32, 512]
+            .iter()
+            .flat_map(|&c| {
+                (1..=16u32).map(move |w| CostSample { width: w, context: c, rows: w, micros: ((10.0 + per_extra * (w - 1) as f64) * 1e3) as u64 })
+            })
+            .collect()
+    }
+
+    fn state(acc: f32, extension: bool) -> StepState {
+        StepState {
+            context_len: 300,
+            remaining_tokens: 100,
+            acceptance_by_depth: vec![acc; 8].into(),
+            draft_ms_per_level: 0.0,
+            max_depth: 8,
+            max_width: 16,
+            extension,
+        }
+    }
+
+    #[test]
+    fn goes_plain_when_drafts_fail_and_deep_when_they_pass() {
+        let mut s = Adaptive::new("").unwrap();
+        s.add_costs(&costs(3.0));
+        assert_eq!(s.plan(&state(0.05, false)).draft_depth, 0, "rejected drafts must lead to plain steps");
+        let probes = (0..24).filter(|_| s.plan(&state(0.05, false)).draft_depth > 0).count();
+        assert_eq!(probes, 2, "one probe per 12 plain steps");
+        let mut q = Adaptive::new("").unwrap();
+        q.add_costs(&costs(1.0));
+        let p = q.plan(&state(0.99, false));
+        assert_eq!(p, StepPlan { draft_depth: 8, draft_nodes: 8 });
+        // A middling acceptance picks a middling depth.
+        let d = q.plan(&state(0.7, false)).draft_depth;
+        assert!((2..8).contains(&d), "{d}");
+    }
+
+    #[test]
+    fn extension_fills_the_nearly_free_width() {
+        let mut s = Adaptive::new("").unwrap();
+        // Widths up to 5 cost at most 1.1x one token, wider ones much more.
+        let samples: Vec<CostSample> = (1..=16u32)
+            .map(|w| CostSample { width: w, context: 300, rows: w, micros: if w <= 5 { 10_000 + 200 * (w as u64 - 1) } else { 20_000 * w as u64 } })
+            .collect();
+        s.add_costs(&samples);
+        assert_eq!(s.free(300, 16), 5);
+        let plain = s.plan(&state(0.6, false));
+        let ext = s.plan(&state(0.6, true));
+        assert_eq!(plain.draft_depth, ext.draft_depth);
+        assert_eq!(ext.draft_nodes, 4.max(ext.draft_depth));
+        assert_eq!(plain.draft_nodes, plain.draft_depth);
+    }
+
+    #[test]
+    fn prefill_chunk_is_the_best_throughput_width() {
+        let mut s = Adaptive::new("").unwrap();
+        let samples: Vec<CostSample> = [(16u32, 100.0), (32, 150.0), (64, 280.0), (128, 600.0)]
+            .iter()
+            .map(|&(w, ms)| CostSample { width: w, context: 64, rows: 1, micros: (ms * 1e3) as u64 })
+            .collect();
+        s.add_costs(&samples);
+        assert_eq!(s.chunk(1000, 256), 64);
+        assert_eq!(s.chunk(1000, 32), 32);
+        assert!(Adaptive::new("{\"bogus\": 1}").is_err());
+    }
+}
