@@ -1,0 +1,200 @@
+//! CoordGen's techniques end to end on real models: the cost model is calibrated, cached
+//! and re-used; the adaptive scheduler plugin sizes the prefill from it; the target's
+//! calibrated predictions are what its full logits say; and every configuration of the
+//! ablation (prompt lookup, retrieval, + calibration, + reuse and extension, + adaptive
+//! scheduling) gives greedy output identical to plain decoding.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use coordgen::chat::Message;
+use coordgen::config::PluginsConfig;
+use coordgen::engine::{GenerateParams, Session, Techniques};
+use coordgen::{calibrate, plugins, scheduler, workload};
+use coordgen_tests::*;
+
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn model(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(p.is_file(), "{} is missing: run scripts/fetch_models.sh", p.display());
+    p
+}
+
+/// Every test of this file shares one cache directory (the calibration lives there).
+fn cache() -> PathBuf {
+    static ONCE: Once = Once::new();
+    let d = plugin_dir().join("test-tmp").join(format!("techniques-cache-{}", std::process::id()));
+    ONCE.call_once(|| {
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::env::set_var("COORDGEN_CACHE", &d);
+    });
+    d
+}
+
+fn config(dir: &Path, extra: &str) -> PluginsConfig {
+    let d = plugin_dir();
+    let text = format!(
+        r#"target_backend = "cpu"
+{extra}
+[[plugin]]
+name = "cpu"
+kind = "backend"
+library = "{d}/libcoordgen_backend_cpu.so"
+[plugin.options]
+threads = 2
+[[plugin]]
+name = "ngram"
+kind = "drafter"
+library = "{d}/libcoordgen_drafter_ngram.so"
+[[plugin]]
+name = "retrieval"
+kind = "drafter"
+library = "{d}/libcoordgen_drafter_retrieval.so"
+[[plugin]]
+name = "adaptive"
+kind = "scheduler"
+library = "{d}/libcoordgen_scheduler_adaptive.so"
+"#,
+        d = d.display()
+    );
+    let p = dir.join("plugins.toml");
+    std::fs::write(&p, text).unwrap();
+    PluginsConfig::load(Some(&p)).unwrap()
+}
+
+fn summary_prompt(s: &Session) -> Vec<u32> {
+    let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap()[..1800].to_string();
+    let text = s.render_chat(&[Message::new("user", &format!("Summarize the following text, quoting its key sentences.\n\n{doc}"))], true).unwrap();
+    s.tok.encode(&text, true).unwrap()
+}
+
+#[test]
+fn calibration_is_measured_once_then_cached_per_model() {
+    let _c = cache();
+    let mut s = Session::open(cpu_backend(2), &model(SMOL), 1024).unwrap();
+    let (a, measured) = calibrate::cost_samples(&mut s, false).unwrap();
+    let (b, again) = calibrate::cost_samples(&mut s, false).unwrap();
+    assert!(!again || measured, "a second call must not measure again");
+    assert_eq!(a, b, "the cached calibration is the measured one");
+    for w in [1u32, 2, 4, 8, 16, 32] {
+        assert!(a.iter().any(|x| x.width == w && x.rows == w), "verify width {w} calibrated");
+    }
+    assert!(a.iter().any(|x| x.width == 64 && x.rows == 1), "prefill widths calibrated");
+    assert!(a.iter().map(|x| x.context).collect::<std::collections::BTreeSet<_>>().len() == 2, "two context lengths");
+    // Latency grows with width (the fastest of two runs; 32 tokens never cost less than one).
+    let at = |w: u32| a.iter().find(|x| x.width == w && x.rows == w && x.context == a[0].context).unwrap().micros;
+    assert!(at(32) > at(1), "{} vs {}", at(32), at(1));
+    // Another model has another key.
+    let other = Session::open(cpu_backend(2), &model("qwen2.5-coder-0.5b-instruct.gguf"), 1024).unwrap();
+    assert_ne!(calibrate::key(&s), calibrate::key(&other));
+    let (_, forced) = calibrate::cost_samples(&mut s, true).unwrap();
+    assert!(forced, "force re-measures");
+}
+
+#[test]
+fn calibrated_predictions_are_the_targets_own_top_tokens() {
+    let _c = cache();
+    let mut s = Session::open(cpu_backend(2), &model(SMOL), 1024).unwrap();
+    let prompt = summary_prompt(&s);
+    s.prefill_chunk = 64;
+    s.prefill_with(&prompt, Some((3, 5))).unwrap();
+    let pr = s.predictions.clone();
+    assert_eq!(pr.k, 3);
+    assert!(pr.positions.iter().all(|p| p % 5 == 0 || *p as usize == prompt.len() - 1));
+    assert!(pr.len() >= prompt.len() / 5);
+    // A second prefill of the same prompt keeps the predictions of the cached positions.
+    s.prefill_with(&prompt, Some((3, 5))).unwrap();
+    assert_eq!(s.predictions.positions[..pr.len() - 1], pr.positions[..pr.len() - 1]);
+    // The full logits of every position (one window over the whole prompt).
+    let ppl = s.perplexity(&prompt, prompt.len(), true).unwrap();
+    let argmax = &ppl.windows.as_ref().unwrap()[0].argmax;
+    let logprob = &ppl.windows.as_ref().unwrap()[0].logprob;
+    let mut checked = 0;
+    for (i, &p) in pr.positions.iter().enumerate() {
+        let p = p as usize;
+        if p + 1 >= prompt.len() {
+            continue;
+        }
+        assert_eq!(pr.tokens[i * 3], argmax[p], "position {p}");
+        let probs = &pr.probs[i * 3..i * 3 + 3];
+        assert!(probs[0] >= probs[1] && probs[1] >= probs[2] && probs.iter().sum::<f32>() <= 1.0 + 1e-5);
+        // Where the prompt's next token is the top prediction, its probability matches.
+        if prompt[p + 1] == argmax[p] {
+            assert!((probs[0].ln() - logprob[p]).abs() < 1e-3, "position {p}: {} vs {}", probs[0].ln(), logprob[p]);
+        }
+        checked += 1;
+    }
+    assert!(checked > 10);
+}
+
+#[test]
+fn every_ablation_configuration_keeps_greedy_output_identical() {
+    let _c = cache();
+    let dir = temp_dir("techniques-ablation");
+    let cfg = config(&dir, "");
+    let mut s = Session::open(cpu_backend(2), &model(SMOL), 2048).unwrap();
+    s.set_scheduler(scheduler::load_scheduler(&cfg, "adaptive").unwrap()).unwrap();
+    let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
+    let prompts = vec![
+        workload::Prompt { id: "sum".into(), category: "summarization".into(), prompt: format!("Summarize, quoting the text:\n\n{}", &doc[..1600]) },
+        workload::Prompt { id: "chat".into(), category: "conversation".into(), prompt: "Write a short poem about the sea.".into() },
+    ];
+    let mut modes = workload::ablation_modes(&cfg, &s).unwrap();
+    let names: Vec<&str> = modes.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["plain", "pld", "retrieval", "calibrated", "extended", "full"]);
+    let results = workload::run(&mut s, &prompts, &mut modes, 48, &mut |_| {}).unwrap();
+    assert_eq!(results.len(), 12);
+    for r in &results {
+        assert!(r.identical_to_plain, "{} in mode {} differs from plain", r.id, r.mode);
+        assert!(r.e2e_ms >= r.decode_ms && r.cpu_s_per_token > 0.0);
+    }
+    assert!(results.iter().any(|r| r.mode != "plain" && r.mean_accepted > 0.0), "some drafts were accepted");
+}
+
+#[test]
+fn full_configuration_reports_its_techniques_and_the_scheduler_chooses_from_the_cost_model() {
+    let _c = cache();
+    let dir = temp_dir("techniques-full");
+    let cfg = config(&dir, "drafter = \"retrieval\"\nscheduler = \"adaptive\"");
+    assert_eq!(cfg.default_scheduler(), "adaptive");
+    let mut s = Session::open(cpu_backend(2), &model(SMOL), 2048).unwrap();
+    s.set_scheduler(scheduler::load_scheduler(&cfg, "adaptive").unwrap()).unwrap();
+    let prompt = summary_prompt(&s);
+    let plain = s.generate(&prompt, &GenerateParams { max_tokens: 64, ..Default::default() }, &mut |_| {}).unwrap();
+    s.set_drafter(Some(plugins::load_drafters(&cfg, "retrieval").unwrap())).unwrap();
+    let g = s.generate(&prompt, &GenerateParams { max_tokens: 64, techniques: Techniques::default(), ..Default::default() }, &mut |_| {}).unwrap();
+    assert_eq!(g.tokens, plain.tokens);
+    let sp = g.spec.unwrap();
+    assert_eq!(sp.scheduler, "adaptive");
+    assert!(sp.calibrated_positions > 0 && sp.calibration_stride >= 1, "{sp:?}");
+    // The prefill chunk is the calibrated prefill width with the most tokens per ms.
+    let best = s
+        .costs
+        .iter()
+        .filter(|c| c.rows == 1 && c.width > 1 && c.context == s.costs[0].context)
+        .max_by(|a, b| (a.width as f64 / a.micros as f64).total_cmp(&(b.width as f64 / b.micros as f64)))
+        .unwrap()
+        .width as usize;
+    assert_eq!(sp.prefill_chunk, best);
+    // With calibration off, no predictions reach the drafter.
+    let g = s.generate(&prompt, &GenerateParams { max_tokens: 16, techniques: Techniques::none(), ..Default::default() }, &mut |_| {}).unwrap();
+    assert_eq!(g.spec.unwrap().calibrated_positions, 0);
+}
+
+#[test]
+fn bad_scheduler_configuration_is_named() {
+    let dir = temp_dir("techniques-bad");
+    let write = |extra: &str| {
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, format!("target_backend = \"cpu\"\n{extra}\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"x\"\n")).unwrap();
+        PluginsConfig::load(Some(&p)).map(|_| ()).unwrap_err().to_string()
+    };
+    assert!(write("scheduler = \"nope\"").contains("scheduler 'nope' is not among"));
+    assert!(write("scheduler = \"cpu\"").contains("is a backend plugin, not a scheduler"));
+    assert!(write("[techniques]\ncalibraton = true").contains("calibraton"));
+    let cfg = config(&dir, "");
+    let e = scheduler::load_scheduler(&cfg, "ngram").err().unwrap().to_string();
+    assert!(e.contains("not a scheduler"), "{e}");
+}
