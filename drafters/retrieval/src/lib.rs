@@ -156,6 +156,8 @@ impl RetrievalDrafter {
             return out;
         }
         let mut add = |tok: u32, p: f32, h: Handle| match out.iter_mut().find(|x| x.0 == tok) {
+            // The document separator is not a token: a match ending a document has no child.
+            _ if tok == SEP => {}
             Some(x) => {
                 x.1 += p;
                 x.2.push(h);
@@ -334,5 +336,8 @@ mod tests {
         d.begin(&[5, 6, 40, 41]).unwrap();
         let t = d.propose(&[5, 6, 40, 41], DraftBudget { max_nodes: 2, max_depth: 2 }).unwrap();
         assert_eq!(&t.tokens[..], &[42, 43]);
+        // The end of an earlier response is followed by the separator, never drafted.
+        let t = d.propose(&[5, 6, 40, 41, 42, 43], DraftBudget { max_nodes: 4, max_depth: 4 }).unwrap();
+        assert!(!t.tokens.contains(&SEP), "{:?}", t.tokens);
     }
 }

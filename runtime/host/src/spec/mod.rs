@@ -1,6 +1,7 @@
 //! Speculative generation: draft trees from drafter plugins, verified in one forward of the
 //! target model, accepted losslessly. `tree` checks and lays out drafts and decides
-//! acceptance, `policy` sizes each step's draft, `stage` runs drafters on their own thread,
+//! acceptance, `policy` keeps the acceptance statistics the scheduler sizes each step's draft
+//! from, `reuse` keeps the agreeing tail of rejected drafts, `stage` runs drafters on their own thread,
 //! `emit` streams accepted text, `run` is the generation loop.
 
 pub mod emit;

@@ -97,6 +97,13 @@ pub fn summary(s: &SpecStats) -> String {
         "drafter {}: {} steps, {} drafted, {} accepted, {:.2} accepted per step ({:.2} tokens per step); acceptance by depth [{}]; draft {:.0} ms, verify {:.0} ms, accept {:.0} ms",
         s.drafter, s.steps, s.drafted, s.accepted, s.mean_accepted, s.tokens_per_step, acc.join(" "), s.draft_ms, s.verify_ms, s.accept_ms
     );
+    line.push_str(&format!("; scheduler {}, prefill chunk {}", s.scheduler, s.prefill_chunk));
+    if s.calibrated_positions > 0 {
+        line.push_str(&format!(", {} calibrated prompt positions (every {})", s.calibrated_positions, s.calibration_stride));
+    }
+    if s.reused > 0 {
+        line.push_str(&format!(", {} reused draft tokens accepted", s.reused));
+    }
     if let Some(e) = &s.drafter_error {
         line.push_str(&format!("; drafter failed: {e}"));
     }
@@ -175,8 +182,8 @@ impl Session {
         let mut em = Emitter::new(&self.tok, &p.stop, p.stop_at_eos, p.max_tokens);
         let t1 = Instant::now();
         let mut returned: Option<Box<dyn Drafter>> = None;
-        // Verify latencies per width carry over between requests (they belong to the backend
-        // and model); acceptance and drafting costs start afresh with each request.
+        // Acceptance and drafting costs start afresh with each request (they depend on the
+        // prompt and the drafter); the scheduler's cost model carries over.
         let mut policy = Policy::new(p.max_draft_depth);
         let mut reuse = Reuse::default();
         let max_width = p.max_draft_width.max(2);
