@@ -130,6 +130,15 @@ pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
         let mut widths: Vec<(u32, u32)> = VERIFY_WIDTHS.iter().map(|&w| (w, w)).collect();
         if ci == 0 {
             widths.extend(PREFILL_WIDTHS.iter().map(|&w| (w, 1)));
+            // One untimed pass first: the first forwards after loading run slower (pages of
+            // the mapped weights, caches, clock ramp-up) and would bend the model.
+            for &w in VERIFY_WIDTHS.iter().filter(|&&w| w <= max_w && ctx + w < room) {
+                let toks: Vec<u32> = (ctx..ctx + w).map(tok).collect();
+                let pos: Vec<u32> = (ctx..ctx + w).collect();
+                let rows: Vec<u32> = (0..w).collect();
+                s.backend.forward(&Forward { slot: s.slot, tokens: &toks, positions: &pos, mask: &[], logit_rows: &rows })?;
+                s.backend.truncate(s.slot, ctx)?;
+            }
         }
         for (w, rows) in widths {
             if w > max_w || ctx + w >= room {

@@ -227,12 +227,12 @@ impl Session {
                     seq.extend_from_slice(&self.cached);
                     seq.push(pending);
                     let nodes = budget.nodes.max(1).min(room);
-                    // A reused segment gets up to half the nodes; the drafter the rest.
+                    // A reused segment fills the nodes the drafter leaves unused (it never
+                    // displaces the drafter's own, usually better, proposal).
                     let offer = if p.techniques.reuse { reuse.offer() } else { &[] };
-                    let reserve = (offer.len() as u32).min(nodes / 2);
-                    let checked = s.propose(&seq, nodes - reserve, budget.depth).map_err(|e| e.to_string()).and_then(|(d, ms)| {
+                    let checked = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string()).and_then(|(d, ms)| {
                         stats.draft_ms += ms;
-                        let t = tree::check(&d, nv, (nodes - reserve) as usize, budget.depth)?;
+                        let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
                         policy.record_draft(t.max_depth().max(1), ms);
                         Ok(t)
                     });
