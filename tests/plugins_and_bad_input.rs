@@ -29,7 +29,12 @@ fn load_err(cfg: &PluginsConfig, name: &str) -> String {
 }
 
 fn coordgen(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(plugin_dir().join("coordgen")).args(args).output().expect("run coordgen (build the workspace first)");
+    // Calibrations and drafter caches go under target/, never into the user's cache.
+    let out = Command::new(plugin_dir().join("coordgen"))
+        .args(args)
+        .env("COORDGEN_CACHE", plugin_dir().join("test-tmp").join("cli-cache"))
+        .output()
+        .expect("run coordgen (build the workspace first)");
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

@@ -171,6 +171,7 @@ fn chat_cli_reuses_the_cache_between_turns() {
     std::fs::write(&cfg, format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n", plugin_dir().display())).unwrap();
     let mut child = std::process::Command::new(exe)
         .args(["--config", cfg.to_str().unwrap(), "chat", "-m", model_path(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"])
+        .env("COORDGEN_CACHE", dir.join("cache"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -292,13 +292,17 @@ impl Session {
     /// Prompt positions between two calibrated predictions, so that the extra logits cost
     /// about `budget` (a fraction) of the prefill: from the calibration, one logits row costs
     /// `(L(32 tokens, 32 rows) - L(32 tokens, 1 row)) / 31` against `L(32, 1) / 32` per token.
+    ///
+    /// Both samples come from the same context length. The stride is at least 2: the host's
+    /// own work per row (copying the logits, the softmax for the top-k) is not in the model.
     pub fn calibration_stride(&self, budget: f64) -> u32 {
-        let find = |rows: u32| self.costs.iter().filter(|c| c.width == 32 && c.rows == rows).map(|c| c.micros as f64).reduce(f64::min);
-        match (find(32), find(1)) {
-            (Some(all), Some(one)) if one > 0.0 => {
-                let per_row = ((all - one) / 31.0).max(0.0);
-                let per_token = one / 32.0;
-                ((per_row / (budget * per_token)).ceil() as u32).clamp(1, 64)
+        let one = self.costs.iter().find(|c| c.width == 32 && c.rows == 1);
+        let all = one.and_then(|o| self.costs.iter().find(|c| c.width == 32 && c.rows == 32 && c.context == o.context));
+        match (all, one) {
+            (Some(all), Some(one)) if one.micros > 0 => {
+                let per_row = ((all.micros as f64 - one.micros as f64) / 31.0).max(0.0);
+                let per_token = one.micros as f64 / 32.0;
+                ((per_row / (budget * per_token)).ceil() as u32).clamp(2, 64)
             }
             _ => 4,
         }
