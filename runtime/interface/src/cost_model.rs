@@ -67,21 +67,43 @@ impl CostModel {
         }
     }
 
-    /// Modelled latency (ms) of a forward of `w` tokens after `ctx` cached ones, before the
-    /// live correction: linear in the context between calibrated contexts (never decreasing).
-    pub fn calibrated(&self, w: u32, ctx: u32) -> f64 {
-        match self.by_ctx.len() {
-            0 => 1.0 + 0.15 * (w.max(1) - 1) as f64,
-            1 => Self::row_latency(&self.by_ctx[0].1, w),
-            n => {
-                let i = self.by_ctx.iter().position(|e| e.0 >= ctx).unwrap_or(n - 1).max(1);
-                let (ca, ra) = (&self.by_ctx[i - 1].0, &self.by_ctx[i - 1].1);
-                let (cb, rb) = (&self.by_ctx[i].0, &self.by_ctx[i].1);
-                let (la, lb) = (Self::row_latency(ra, w), Self::row_latency(rb, w));
-                let slope = ((lb - la) / (*cb as f64 - *ca as f64)).max(0.0);
-                (la + slope * (ctx as f64 - *ca as f64)).max(la.min(lb) * 0.5)
+    /// Attention cost per (batch token x context token), ms: the least-squares slope of
+    /// `L(w, c1) - L(w, c0) = s * w * (c1 - c0)` over every width measured at the first two
+    /// contexts (pooling the widths keeps one noisy sample from bending the model, which
+    /// matters because it is extrapolated to contexts many times longer). Never negative.
+    fn context_slope(&self) -> f64 {
+        if self.by_ctx.len() < 2 {
+            return 0.0;
+        }
+        let (c0, r0) = (&self.by_ctx[0].0, &self.by_ctx[0].1);
+        let (c1, r1) = (&self.by_ctx[1].0, &self.by_ctx[1].1);
+        let dc = (*c1 as f64 - *c0 as f64).max(1.0);
+        let (mut num, mut den) = (0.0, 0.0);
+        for &(w, l0) in r0 {
+            if let Some(&(_, l1)) = r1.iter().find(|e| e.0 == w) {
+                let x = w as f64 * dc;
+                num += (l1 - l0) * x;
+                den += x * x;
             }
         }
+        if den > 0.0 {
+            (num / den).max(0.0)
+        } else {
+            0.0
+        }
+    }
+
+    /// Modelled latency (ms) of a forward of `w` tokens after `ctx` cached ones, before the
+    /// live correction: the nearest calibrated context at or below `ctx` (the first one below
+    /// all of them), plus the attention term `s * w * (ctx - that context)`.
+    pub fn calibrated(&self, w: u32, ctx: u32) -> f64 {
+        if self.by_ctx.is_empty() {
+            return 1.0 + 0.15 * (w.max(1) - 1) as f64;
+        }
+        let i = self.by_ctx.iter().rposition(|e| e.0 <= ctx).unwrap_or(0);
+        let (c, row) = (&self.by_ctx[i].0, &self.by_ctx[i].1);
+        let base = Self::row_latency(row, w);
+        base + self.context_slope() * w.max(1) as f64 * (ctx as f64 - *c as f64).max(0.0)
     }
 
     /// Latency (ms) with the live correction for that width applied.
@@ -143,12 +165,27 @@ mod tests {
 
     #[test]
     fn interpolates_in_width_and_context() {
-        let m = CostModel::new(&[s(1, 100, 10.0), s(4, 100, 13.0), s(16, 100, 40.0), s(1, 300, 12.0), s(4, 300, 15.0), s(16, 300, 46.0)]);
-        assert!((m.latency(2, 100) - 11.0).abs() < 1e-9);
-        assert!((m.latency(1, 200) - 11.0).abs() < 1e-9);
-        // Beyond the widest width the last slope continues; beyond the last context too.
-        assert!((m.latency(20, 100) - 49.0).abs() < 1e-9);
-        assert!((m.latency(1, 500) - 14.0).abs() < 1e-9);
+        // Attention adds 0.005 ms per batch token per context token, on top of 10 + 1 ms per
+        // extra token; one sample (width 4 at 300) is off by +2 ms.
+        let at = |w: u32, c: u32| 10.0 + (w - 1) as f64 + 0.005 * w as f64 * c as f64;
+        let mut samples = Vec::new();
+        for c in [100u32, 300] {
+            for w in [1u32, 4, 16] {
+                samples.push(s(w, c, at(w, c) + if (w, c) == (4, 300) { 2.0 } else { 0.0 }));
+            }
+        }
+        let m = CostModel::new(&samples);
+        assert!((m.latency(2, 100) - at(2, 100)).abs() < 1e-3);
+        // Beyond the widest width the last slope continues.
+        assert!((m.latency(20, 100) - at(20, 100)).abs() < 1e-3);
+        // The pooled context slope barely feels the noisy sample, even 10x further out.
+        for w in [1u32, 4, 16] {
+            let (got, want) = (m.latency(w, 3000), at(w, 3000));
+            assert!((got - want).abs() < 0.05 * want, "w {w}: {got} vs {want}");
+        }
+        // Between calibrated contexts the lower one is the base.
+        assert!((m.latency(1, 200) - at(1, 200)).abs() < 0.1);
+        let m = CostModel::new(&[s(1, 100, 10.0), s(4, 100, 13.0), s(16, 100, 40.0)]);
         assert_eq!(m.free_width(100, 1.05, 32), 1);
         assert_eq!(m.free_width(100, 1.1, 32), 2);
         assert_eq!(m.free_width(100, 1.3, 32), 4);
