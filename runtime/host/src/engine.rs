@@ -291,17 +291,23 @@ impl Session {
 
     /// Prompt positions between two calibrated predictions, so that the extra logits cost
     /// about `budget` (a fraction) of the prefill: from the calibration, one logits row costs
-    /// `(L(32 tokens, 32 rows) - L(32 tokens, 1 row)) / 31` against `L(32, 1) / 32` per token.
+    /// `(L(128 tokens, 64 rows) - L(128 tokens, 1 row)) / 63` against `L(128, 1) / 128` per
+    /// prompt token.
     ///
     /// Both samples come from the same context length. The stride is at least 2: the host's
     /// own work per row (copying the logits, the softmax for the top-k) is not in the model.
     pub fn calibration_stride(&self, budget: f64) -> u32 {
-        let one = self.costs.iter().find(|c| c.width == 32 && c.rows == 1);
-        let all = one.and_then(|o| self.costs.iter().find(|c| c.width == 32 && c.rows == 32 && c.context == o.context));
-        match (all, one) {
-            (Some(all), Some(one)) if one.micros > 0 => {
-                let per_row = ((all.micros as f64 - one.micros as f64) / 31.0).max(0.0);
-                let per_token = one.micros as f64 / 32.0;
+        // Prefer the sample taken the way the prefill asks (128 tokens, every 2nd row's
+        // logits); older calibrations have only the 32-token ones.
+        let pair = |w: u32, rows: u32| {
+            let one = self.costs.iter().find(|c| c.width == w && c.rows == 1)?;
+            let many = self.costs.iter().find(|c| c.width == w && c.rows == rows && c.context == one.context)?;
+            Some((many, one, rows))
+        };
+        match pair(128, 64).or_else(|| pair(32, 32)) {
+            Some((all, one, rows)) if one.micros > 0 => {
+                let per_row = ((all.micros as f64 - one.micros as f64) / (rows - 1) as f64).max(0.0);
+                let per_token = one.micros as f64 / one.width as f64;
                 ((per_row / (budget * per_token)).ceil() as u32).clamp(2, 64)
             }
             _ => 4,
