@@ -123,6 +123,19 @@ impl Techniques {
     pub fn none() -> Self {
         Techniques { calibration: false, reuse: false, extension: false, calibration_stride: 0 }
     }
+
+    /// What `[techniques]` of `plugins.toml` turns on.
+    pub fn from_config(t: &crate::config::TechniquesConfig) -> Self {
+        Techniques { calibration: t.calibration, reuse: t.reuse, extension: t.extension, calibration_stride: t.calibration_stride }
+    }
+
+    /// The calibration stride for session `s`: the configured one, or (0) the cost model's.
+    pub fn stride(&self, s: &Session) -> u32 {
+        match self.calibration_stride {
+            0 => s.calibration_stride(0.10),
+            x => x,
+        }
+    }
 }
 
 impl Default for GenerateParams {

@@ -222,7 +222,7 @@ struct PplArgs {
 impl SampleArgs {
     /// The techniques the config turns on, minus those switched off here.
     fn techniques(&self, cfg: &PluginsConfig) -> Techniques {
-        let t = &cfg.techniques;
+        let t = Techniques::from_config(&cfg.techniques);
         Techniques {
             calibration: t.calibration && !self.no_calibration,
             reuse: t.reuse && !self.no_reuse,
@@ -494,9 +494,7 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     let mut modes = if a.ablation {
         workload::ablation_modes(&cfg, &s)?
     } else {
-        let t = &cfg.techniques;
-        let tech = Techniques { calibration: t.calibration, reuse: t.reuse, extension: t.extension, calibration_stride: t.calibration_stride };
-        workload::load_modes(&cfg, &a.modes, &s, &tech)?
+        workload::load_modes(&cfg, &a.modes, &s, &Techniques::from_config(&cfg.techniques))?
     };
     let json = a.json;
     let results = workload::run(&mut s, &prompts, &mut modes, a.max_tokens, &mut |r| {

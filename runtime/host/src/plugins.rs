@@ -196,13 +196,20 @@ pub(crate) fn version_msg(e: impl std::fmt::Display) -> String {
     format!("incompatible plugin (built against another interface version or layout): {e}")
 }
 
-/// Loads a backend plugin named in the config.
-pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend>, LoadedInfo)> {
-    let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {}", cfg.source)))?;
-    if entry.kind != "backend" {
-        return Err(load_err(name, format!("is a {} plugin, not a backend", entry.kind)));
+/// The config entry `name` of kind `kind` and the path of its library (`missing` is added
+/// to the error when there is no such entry).
+pub(crate) fn entry_of_kind<'a>(cfg: &'a PluginsConfig, name: &str, kind: &str, missing: &str) -> PResult<(&'a PluginEntry, PathBuf)> {
+    let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {}{missing}", cfg.source)))?;
+    if entry.kind != kind {
+        return Err(load_err(name, format!("is a {} plugin, not a {kind}", entry.kind)));
     }
     let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(name, e.to_string()))?;
+    Ok((entry, path))
+}
+
+/// Loads a backend plugin named in the config.
+pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend>, LoadedInfo)> {
+    let (entry, path) = entry_of_kind(cfg, name, "backend", "")?;
     let header = open_header(entry, &path, "coordgen_backend")?;
     let module = header.init_root_module::<BackendModRef>().map_err(|e| load_err(name, version_msg(e)))?;
     let info = check_info(entry, &path, &(module.info())())?;
@@ -214,11 +221,7 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
 
 /// Loads a drafter plugin named in the config.
 pub fn load_drafter(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Drafter>, LoadedInfo)> {
-    let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {}", cfg.source)))?;
-    if entry.kind != "drafter" {
-        return Err(load_err(name, format!("is a {} plugin, not a drafter", entry.kind)));
-    }
-    let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(name, e.to_string()))?;
+    let (entry, path) = entry_of_kind(cfg, name, "drafter", "")?;
     let header = open_header(entry, &path, "coordgen_drafter")?;
     let module = header.init_root_module::<DrafterModRef>().map_err(|e| load_err(name, version_msg(e)))?;
     let info = check_info(entry, &path, &(module.info())())?;

@@ -6,8 +6,8 @@
 use abi_stable::std_types::{RStr, RVec};
 use coordgen_interface::{CostModel, CostSample, SchedulerBox, SchedulerModRef, StepState};
 
-use crate::config::{resolve_library, PluginsConfig};
-use crate::plugins::{call, check_info, load_err, open_header, options_json, version_msg, LoadedInfo, PResult};
+use crate::config::PluginsConfig;
+use crate::plugins::{call, check_info, entry_of_kind, load_err, open_header, options_json, version_msg, LoadedInfo, PResult};
 
 /// What the engine asks before a step (native mirror of the interface's `StepState`).
 #[derive(Clone, Debug)]
@@ -128,11 +128,7 @@ pub fn load_scheduler(cfg: &PluginsConfig, name: &str) -> PResult<Box<dyn Schedu
     if name == "fixed" && cfg.entry(name).is_none() {
         return Ok(Box::new(Fixed::new(4, crate::engine::DEFAULT_PREFILL_CHUNK as u32)));
     }
-    let entry = cfg.entry(name).ok_or_else(|| load_err(name, format!("no [[plugin]] named '{name}' in {} (and it is not the built-in 'fixed')", cfg.source)))?;
-    if entry.kind != "scheduler" {
-        return Err(load_err(name, format!("is a {} plugin, not a scheduler", entry.kind)));
-    }
-    let path = resolve_library(entry, &cfg.base_dir).map_err(|e| load_err(name, e.to_string()))?;
+    let (entry, path) = entry_of_kind(cfg, name, "scheduler", " (and it is not the built-in 'fixed')")?;
     let header = open_header(entry, &path, "coordgen_scheduler")?;
     let module = header.init_root_module::<SchedulerModRef>().map_err(|e| load_err(name, version_msg(e)))?;
     let _info: LoadedInfo = check_info(entry, &path, &(module.info())())?;

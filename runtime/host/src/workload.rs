@@ -144,11 +144,7 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
     // Calibrated predictions wanted by any mode (top-k, stride).
     let calib = modes.iter().find(|m| m.techniques.calibration).and_then(|m| {
         let k = m.drafter.as_ref().map(|d| d.calibration_top_k()).unwrap_or(0) as usize;
-        let stride = match m.techniques.calibration_stride {
-            0 => s.calibration_stride(0.10),
-            x => x,
-        };
-        (k > 0).then_some((k, stride))
+        (k > 0).then_some((k, m.techniques.stride(s)))
     });
     for p in prompts {
         let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;

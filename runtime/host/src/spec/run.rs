@@ -146,10 +146,7 @@ impl Session {
             Some(d) if p.techniques.calibration => d.calibration_top_k().min(16) as usize,
             _ => 0,
         };
-        let stride = match p.techniques.calibration_stride {
-            0 => self.calibration_stride(0.10),
-            s => s,
-        };
+        let stride = p.techniques.stride(self);
         // The drafter's begin (indexing the prompt, or a draft model's prefill) runs on its
         // own thread while the target prefills.
         let mut stage = drafter.map(|d| DraftStage::start(d, prompt));
