@@ -77,12 +77,51 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, 
 const QTOKEN_TILE: usize = 64;
 
 /// `out = x W^T` for a quantized `w` with activations already quantized in `acts`.
+///
+/// Rows are split over the pool and taken two at a time, so each activation vector read
+/// serves two unpacked rows (the results equal the one-row kernel's bit for bit).
 pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut [f32]) {
     assert_eq!(acts.k, w.cols);
+    let (rows, n_tok) = (w.rows, acts.n);
+    assert_eq!(out.len(), n_tok * rows);
     let (data, rb) = (w.data(), w.row_bytes());
-    par_rows(pool, w.rows, acts.n, QTOKEN_TILE, out, || URow::new(w.cols), |row, r, t0, t1, dst| {
-        qgemm::unpack_row_isa(isa, w.ty, &data[r * rb..(r + 1) * rb], row);
-        qgemm::dot_tokens(isa, row, acts, t0, t1, &mut dst[..t1 - t0]);
+    let src = |r: usize| &data[r * rb..(r + 1) * rb];
+    let outp = SharedMut(out.as_mut_ptr());
+    let nt = pool.threads();
+    pool.run(&|ti| {
+        let range = split_range(rows, nt, ti);
+        if range.is_empty() {
+            return;
+        }
+        let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
+        let tile = QTOKEN_TILE.min(n_tok);
+        let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
+        let o = outp;
+        // SAFETY: rows of `range` belong to this thread only; indices are in bounds by the
+        // assert above.
+        let put = |r: usize, t0: usize, d: &[f32]| {
+            for (i, &v) in d.iter().enumerate() {
+                unsafe { *o.0.add((t0 + i) * rows + r) = v };
+            }
+        };
+        for t0 in (0..n_tok).step_by(QTOKEN_TILE) {
+            let t1 = (t0 + QTOKEN_TILE).min(n_tok);
+            let nt = t1 - t0;
+            let mut r = range.start;
+            while r + 1 < range.end {
+                qgemm::unpack_row_isa(isa, w.ty, src(r), &mut u0);
+                qgemm::unpack_row_isa(isa, w.ty, src(r + 1), &mut u1);
+                qgemm::dot_tokens2(isa, &u0, &u1, acts, t0, t1, &mut d0[..nt], &mut d1[..nt]);
+                put(r, t0, &d0[..nt]);
+                put(r + 1, t0, &d1[..nt]);
+                r += 2;
+            }
+            if r < range.end {
+                qgemm::unpack_row_isa(isa, w.ty, src(r), &mut u0);
+                qgemm::dot_tokens(isa, &u0, acts, t0, t1, &mut d0[..nt]);
+                put(r, t0, &d0[..nt]);
+            }
+        }
     });
 }
 

@@ -405,6 +405,19 @@ pub fn dot_tokens(isa: Isa, row: &URow, acts: &QActs, t0: usize, t1: usize, out:
     }
 }
 
+/// As [`dot_tokens`] for two rows of the same length at once (`out0` for `row0`, `out1` for
+/// `row1`); each result is bitwise the one-row result.
+pub fn dot_tokens2(isa: Isa, row0: &URow, row1: &URow, acts: &QActs, t0: usize, t1: usize, out0: &mut [f32], out1: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if x86::has_vnni() => unsafe { x86::dot_tokens_vnni2(row0, row1, acts, t0, t1, out0, out1) },
+        _ => {
+            dot_tokens(isa, row0, acts, t0, t1, out0);
+            dot_tokens(isa, row1, acts, t0, t1, out1);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
     use super::*;
@@ -434,24 +447,45 @@ pub mod x86 {
     /// The CPU must support AVX-512 F/BW/VNNI ([`has_vnni`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_tokens_vnni(row: &URow, acts: &QActs, t0: usize, t1: usize, out: &mut [f32]) {
+        let o = out.as_mut_ptr();
+        tokens_vnni::<1>([row], acts, t0, t1, [o]);
+    }
+
+    /// AVX-512 VNNI over two weight rows at once: each activation vector is loaded once for
+    /// both rows, which halves the activation traffic from L2 (the bound at widths >= 4).
+    /// `out0[i]` / `out1[i]` get token `t0 + i` of `row0` / `row1`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VNNI ([`has_vnni`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_tokens_vnni2(row0: &URow, row1: &URow, acts: &QActs, t0: usize, t1: usize, out0: &mut [f32], out1: &mut [f32]) {
+        debug_assert_eq!(row0.q.len(), row1.q.len());
+        tokens_vnni::<2>([row0, row1], acts, t0, t1, [out0.as_mut_ptr(), out1.as_mut_ptr()]);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tokens_vnni<const R: usize>(rows: [&URow; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         let mut t = t0;
         while t < t1 {
             let n = (t1 - t).min(4);
-            let o = out.as_mut_ptr().add(t - t0);
+            let o = out.map(|p| p.add(t - t0));
             match n {
-                4 => tile_vnni::<4>(row, acts, t, o),
-                3 => tile_vnni::<3>(row, acts, t, o),
-                2 => tile_vnni::<2>(row, acts, t, o),
-                _ => tile_vnni::<1>(row, acts, t, o),
+                4 => tile_vnni::<R, 4>(rows, acts, t, o),
+                3 => tile_vnni::<R, 3>(rows, acts, t, o),
+                2 => tile_vnni::<R, 2>(rows, acts, t, o),
+                _ => tile_vnni::<R, 1>(rows, acts, t, o),
             }
             t += n;
         }
     }
 
+    /// `R` rows x `N` tokens: per tile, each row's four weight vectors stay in registers and
+    /// each token's activation vectors are read once for all `R` rows. Every (row, token)
+    /// pair goes through the same integer chain and float steps as the scalar oracle.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_vnni<const N: usize>(row: &URow, acts: &QActs, t: usize, out: *mut f32) {
-        let kp = row.q.len();
-        let mut acc = [_mm512_setzero_ps(); N];
+    unsafe fn tile_vnni<const R: usize, const N: usize>(rows: [&URow; R], acts: &QActs, t: usize, out: [*mut f32; R]) {
+        let kp = rows[0].q.len();
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
         let mut ph = [std::ptr::null::<i8>(); N];
         let mut pl = [std::ptr::null::<i8>(); N];
         let mut ps = [std::ptr::null::<f32>(); N];
@@ -463,49 +497,65 @@ pub mod x86 {
             ps[j] = s.as_ptr();
             pd[j] = d.as_ptr();
         }
-        let wq = row.q.as_ptr();
         let z = _mm512_setzero_si512();
+        let eight = acts.bits == ActBits::Eight;
         for tile in 0..kp / TILE {
             let off = tile * TILE;
-            let w0 = _mm512_loadu_si512(wq.add(off) as *const _);
-            let w1 = _mm512_loadu_si512(wq.add(off + 64) as *const _);
-            let w2 = _mm512_loadu_si512(wq.add(off + 128) as *const _);
-            let w3 = _mm512_loadu_si512(wq.add(off + 192) as *const _);
-            let ws = _mm512_loadu_ps(row.scale16.as_ptr().add(tile * 16));
-            let wb = _mm512_loadu_ps(row.bias16.as_ptr().add(tile * 16));
+            let mut w = [[z; 4]; R];
+            let mut ws = [_mm512_setzero_ps(); R];
+            let mut wb = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let wq = rows[r].q.as_ptr().add(off);
+                for v in 0..4 {
+                    w[r][v] = _mm512_loadu_si512(wq.add(v * 64) as *const _);
+                }
+                ws[r] = _mm512_loadu_ps(rows[r].scale16.as_ptr().add(tile * 16));
+                wb[r] = _mm512_loadu_ps(rows[r].bias16.as_ptr().add(tile * 16));
+            }
             for j in 0..N {
                 let a = |p: *const i8, v: usize| _mm512_loadu_si512(p.add(off + v * 64) as *const _);
-                let isum = if acts.bits == ActBits::Eight {
-                    let h01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w0, a(ph[j], 0)), w1, a(ph[j], 1));
-                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(h01, w2, a(ph[j], 2)), w3, a(ph[j], 3))
-                } else if N <= 2 {
-                    // Few tokens: independent partial chains hide the instruction latency.
-                    // Integer addition is exact, so the sums equal the single-chain ones.
-                    let h01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w0, a(ph[j], 0)), w1, a(ph[j], 1));
-                    let h23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w2, a(ph[j], 2)), w3, a(ph[j], 3));
-                    let l01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w0, a(pl[j], 0)), w1, a(pl[j], 1));
-                    let l23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, w2, a(pl[j], 2)), w3, a(pl[j], 3));
-                    _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h01, h23), 7), _mm512_add_epi32(l01, l23))
-                } else {
-                    // Several tokens already give independent work: one chain, fewest
-                    // instructions (the shifted high-byte sums seed the low-byte chain).
-                    let mut acc_i = _mm512_dpbusd_epi32(z, w0, a(ph[j], 0));
-                    acc_i = _mm512_dpbusd_epi32(acc_i, w1, a(ph[j], 1));
-                    acc_i = _mm512_dpbusd_epi32(acc_i, w2, a(ph[j], 2));
-                    acc_i = _mm512_dpbusd_epi32(acc_i, w3, a(ph[j], 3));
-                    acc_i = _mm512_slli_epi32(acc_i, 7);
-                    acc_i = _mm512_dpbusd_epi32(acc_i, w0, a(pl[j], 0));
-                    acc_i = _mm512_dpbusd_epi32(acc_i, w1, a(pl[j], 1));
-                    acc_i = _mm512_dpbusd_epi32(acc_i, w2, a(pl[j], 2));
-                    _mm512_dpbusd_epi32(acc_i, w3, a(pl[j], 3))
-                };
-                let s = _mm512_mul_ps(ws, _mm512_loadu_ps(ps[j].add(tile * 16)));
-                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[j]);
-                acc[j] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(pd[j].add(tile * 16)), acc[j]);
+                let sa = _mm512_loadu_ps(ps[j].add(tile * 16));
+                let da = _mm512_loadu_ps(pd[j].add(tile * 16));
+                let mut hv = [z; 4];
+                for v in 0..4 {
+                    hv[v] = a(ph[j], v);
+                }
+                for r in 0..R {
+                    let wr = &w[r];
+                    let isum = if eight {
+                        let h01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wr[0], hv[0]), wr[1], hv[1]);
+                        _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(h01, wr[2], hv[2]), wr[3], hv[3])
+                    } else if R * N <= 2 {
+                        // Little independent work: split chains hide the instruction latency.
+                        // Integer addition is exact, so the sums equal the single-chain ones.
+                        let h01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wr[0], hv[0]), wr[1], hv[1]);
+                        let h23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wr[2], hv[2]), wr[3], hv[3]);
+                        let l01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wr[0], a(pl[j], 0)), wr[1], a(pl[j], 1));
+                        let l23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, wr[2], a(pl[j], 2)), wr[3], a(pl[j], 3));
+                        _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h01, h23), 7), _mm512_add_epi32(l01, l23))
+                    } else {
+                        // Enough independent work: one chain, fewest instructions (the shifted
+                        // high-byte sums seed the low-byte chain).
+                        let mut acc_i = _mm512_dpbusd_epi32(z, wr[0], hv[0]);
+                        acc_i = _mm512_dpbusd_epi32(acc_i, wr[1], hv[1]);
+                        acc_i = _mm512_dpbusd_epi32(acc_i, wr[2], hv[2]);
+                        acc_i = _mm512_dpbusd_epi32(acc_i, wr[3], hv[3]);
+                        acc_i = _mm512_slli_epi32(acc_i, 7);
+                        acc_i = _mm512_dpbusd_epi32(acc_i, wr[0], a(pl[j], 0));
+                        acc_i = _mm512_dpbusd_epi32(acc_i, wr[1], a(pl[j], 1));
+                        acc_i = _mm512_dpbusd_epi32(acc_i, wr[2], a(pl[j], 2));
+                        _mm512_dpbusd_epi32(acc_i, wr[3], a(pl[j], 3))
+                    };
+                    let s = _mm512_mul_ps(ws[r], sa);
+                    acc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, acc[r][j]);
+                    acc[r][j] = _mm512_fmadd_ps(wb[r], da, acc[r][j]);
+                }
             }
         }
-        for j in 0..N {
-            *out.add(j) = reduce512(acc[j]);
+        for r in 0..R {
+            for j in 0..N {
+                *out[r].add(j) = reduce512(acc[r][j]);
+            }
         }
     }
 
@@ -673,6 +723,23 @@ mod tests {
                         dot_tokens(isa, &row, &acts, t, t + 1, &mut one);
                         assert_eq!(one[0].to_bits(), all[t].to_bits(), "{} {isa:?}: token {t} alone differs", ty.name());
                     }
+                    // Two rows at once: each equals its one-row result, for every token range.
+                    let mut row2 = URow::new(k);
+                    unpack_row(ty, &quantize_row(ty, &signal(k, 8)), &mut row2);
+                    let oracle2: Vec<f32> = (0..n)
+                        .map(|t| {
+                            let (hi, lo, sa, ds) = acts.row(t);
+                            dot_scalar(&row2, acts.bits, hi, lo, sa, ds)
+                        })
+                        .collect();
+                    for (t0, t1) in [(0, n), (2, 3), (1, 7)] {
+                        let (mut o1, mut o2) = (vec![0f32; t1 - t0], vec![0f32; t1 - t0]);
+                        dot_tokens2(isa, &row, &row2, &acts, t0, t1, &mut o1, &mut o2);
+                        for t in t0..t1 {
+                            assert_eq!(o1[t - t0].to_bits(), oracle[t].to_bits(), "{} {isa:?} two rows, first, t={t}", ty.name());
+                            assert_eq!(o2[t - t0].to_bits(), oracle2[t].to_bits(), "{} {isa:?} two rows, second, t={t}", ty.name());
+                        }
+                    }
                 }
             }
         }
@@ -692,8 +759,9 @@ mod timing {
         let k = 1536;
         let n: usize = std::env::var("N").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
         let x = crate::testdata::signal(n * k, 3);
+        let bits = if std::env::var("BITS").as_deref() == Ok("8") { ActBits::Eight } else { ActBits::Fifteen };
         let mut acts = QActs::new();
-        acts.quantize(&x, n, k, ActBits::Fifteen);
+        acts.quantize(&x, n, k, bits);
         let q = quantize_row(GgmlType::Q4K, &crate::testdata::signal(k, 5));
         let mut row = URow::new(k);
         unpack_row(GgmlType::Q4K, &q, &mut row);
