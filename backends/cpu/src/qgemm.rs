@@ -109,13 +109,20 @@ impl QActs {
             v.resize(len, 0.0);
         }
         let ptrs = TokenPtrs { hi: self.hi.as_mut_ptr(), lo: self.lo.as_mut_ptr(), sc: self.scale16.as_mut_ptr(), ds: self.dsum16.as_mut_ptr() };
-        let run = |t: usize| {
+        // Work unit = one tile (8 blocks of 32) of one token: decode (one token) spreads over
+        // the threads too. Each block is quantized alone, so the split changes nothing.
+        let tiles = kp / TILE;
+        let run = |u: usize| {
+            let (t, tile) = (u / tiles, u % tiles);
+            let b0 = tile * (TILE / 32);
+            let b1 = (b0 + TILE / 32).min(k / 32);
             let p = ptrs;
-            // SAFETY: token t's slices are disjoint from every other token's, in bounds of the
+            // SAFETY: unit u's blocks are disjoint from every other unit's, in bounds of the
             // buffers sized above, and the buffers outlive this call.
             unsafe {
-                quantize_token(
+                quantize_blocks(
                     &x[t * k..(t + 1) * k],
+                    b0..b1,
                     std::slice::from_raw_parts_mut(p.hi.add(t * kp), kp),
                     std::slice::from_raw_parts_mut(p.lo.add(t * kp), kp),
                     std::slice::from_raw_parts_mut(p.sc.add(t * kp / 16), kp / 16),
@@ -124,12 +131,13 @@ impl QActs {
                 )
             }
         };
+        let units = n * tiles;
         match pool {
-            Some(pool) if n > 1 && pool.threads() > 1 => {
+            Some(pool) if units > 1 && pool.threads() > 1 => {
                 let nt = pool.threads();
-                pool.run(&|ti| split_range(n, nt, ti).for_each(run));
+                pool.run(&|ti| split_range(units, nt, ti).for_each(run));
             }
-            _ => (0..n).for_each(run),
+            _ => (0..units).for_each(run),
         }
     }
 
@@ -178,31 +186,47 @@ fn round_half_away(x: f32) -> i32 {
     }
 }
 
-/// Quantizes one token into its (interleaved, padded) slices.
-fn quantize_token(x: &[f32], hi: &mut [i8], lo: &mut [i8], sc: &mut [f32], ds: &mut [f32], bits: ActBits) {
+/// Quantizes blocks `blocks` (of 32) of one token into its (interleaved, padded) slices,
+/// with the SIMD twin where the CPU has one (bitwise the scalar result).
+fn quantize_blocks(x: &[f32], blocks: std::ops::Range<usize>, hi: &mut [i8], lo: &mut [i8], sc: &mut [f32], ds: &mut [f32], bits: ActBits) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx512bw() {
+        for b in blocks {
+            // SAFETY: AVX-512 F/BW checked; `b` is a whole block of `x` and the slices are a
+            // token's padded buffers.
+            unsafe { x86::quantize_block_avx512(x, b, hi, lo, sc, ds, bits) };
+        }
+        return;
+    }
+    for b in blocks {
+        quantize_block(x, b, hi, lo, sc, ds, bits);
+    }
+}
+
+/// Scalar oracle: quantizes block `b` (32 values) of one token.
+fn quantize_block(x: &[f32], b: usize, hi: &mut [i8], lo: &mut [i8], sc: &mut [f32], ds: &mut [f32], bits: ActBits) {
     let qmax = if bits == ActBits::Eight { 127.0 } else { QA_MAX };
-    for (b, xb) in x.chunks_exact(32).enumerate() {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / qmax;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sums = [0i32; 2];
-        let tile_base = (b * 32 / TILE) * TILE;
-        let within = b * 32 % TILE;
-        for (i, &v) in xb.iter().enumerate() {
-            let q = round_half_away(v * id).clamp(-(qmax as i32), qmax as i32);
-            sums[i / 16] += q;
-            let pos = tile_base + POS[within + i] as usize;
-            if bits == ActBits::Eight {
-                hi[pos] = q as i8;
-            } else {
-                hi[pos] = (q >> 7) as i8;
-                lo[pos] = (q & 127) as i8;
-            }
+    let xb = &x[b * 32..b * 32 + 32];
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / qmax;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sums = [0i32; 2];
+    let tile_base = (b * 32 / TILE) * TILE;
+    let within = b * 32 % TILE;
+    for (i, &v) in xb.iter().enumerate() {
+        let q = round_half_away(v * id).clamp(-(qmax as i32), qmax as i32);
+        sums[i / 16] += q;
+        let pos = tile_base + POS[within + i] as usize;
+        if bits == ActBits::Eight {
+            hi[pos] = q as i8;
+        } else {
+            hi[pos] = (q >> 7) as i8;
+            lo[pos] = (q & 127) as i8;
         }
-        for hf in 0..2 {
-            sc[b * 2 + hf] = d;
-            ds[b * 2 + hf] = d * sums[hf] as f32;
-        }
+    }
+    for hf in 0..2 {
+        sc[b * 2 + hf] = d;
+        ds[b * 2 + hf] = d * sums[hf] as f32;
     }
 }
 
@@ -434,6 +458,66 @@ pub mod x86 {
         })
     }
 
+    pub fn has_avx512bw() -> bool {
+        static V: OnceLock<bool> = OnceLock::new();
+        *V.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && std::env::var("COORDGEN_ISA").map(|v| v != "avx2" && v != "scalar").unwrap_or(true))
+    }
+
+    /// SIMD twin of [`quantize_block`](super::quantize_block): the same multiply, the same
+    /// rounding (truncate, then step away from zero when the exact remainder is >= 0.5) and
+    /// exact integer sums, so the bytes and scales are bitwise the scalar ones.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW; `x` must hold block `b` and the slices one token's
+    /// padded buffers.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_block_avx512(x: &[f32], b: usize, hi: &mut [i8], lo: &mut [i8], sc: &mut [f32], ds: &mut [f32], bits: ActBits) {
+        let qmax = if bits == ActBits::Eight { 127.0 } else { QA_MAX };
+        let xb = &x[b * 32..b * 32 + 32];
+        let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
+        // max(|x|) is exact in any order; NaN lanes are ignored, as `f32::max` does.
+        let abs_ord = |x: __m512| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), _mm512_abs_ps(x));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_ord(v[0]), abs_ord(v[1])));
+        let d = amax / qmax;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let idv = _mm512_set1_ps(id);
+        let qm = _mm512_set1_epi32(qmax as i32);
+        let one = _mm512_set1_epi32(1);
+        let tile_base = (b * 32 / TILE) * TILE;
+        let within = b * 32 % TILE;
+        for hf in 0..2 {
+            let y = _mm512_mul_ps(v[hf], idv);
+            let tr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let frac = _mm512_sub_ps(y, tr);
+            let mut q = _mm512_cvttps_epi32(y);
+            // NaN: the scalar `as i32` gives 0.
+            q = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y), q);
+            q = _mm512_mask_add_epi32(q, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5)), q, one);
+            q = _mm512_mask_sub_epi32(q, _mm512_cmp_ps_mask::<_CMP_LE_OQ>(frac, _mm512_set1_ps(-0.5)), q, one);
+            q = _mm512_max_epi32(_mm512_min_epi32(q, qm), _mm512_sub_epi32(_mm512_setzero_si512(), qm));
+            let sum = _mm512_reduce_add_epi32(q);
+            let (hb, lb) = if bits == ActBits::Eight {
+                (_mm512_cvtepi32_epi8(q), _mm_setzero_si128())
+            } else {
+                (_mm512_cvtepi32_epi8(_mm512_srai_epi32::<7>(q)), _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(127))))
+            };
+            let (mut hbytes, mut lbytes) = ([0u32; 4], [0u32; 4]);
+            _mm_storeu_si128(hbytes.as_mut_ptr() as *mut __m128i, hb);
+            _mm_storeu_si128(lbytes.as_mut_ptr() as *mut __m128i, lb);
+            // 16 values = one group: bytes 4v..4v+4 go to tile offset v*64 + g*4.
+            let g = (within + hf * 16) / 16;
+            for vv in 0..4 {
+                let pos = tile_base + vv * 64 + g * 4;
+                (hi.as_mut_ptr().add(pos) as *mut u32).write_unaligned(hbytes[vv]);
+                if bits != ActBits::Eight {
+                    (lo.as_mut_ptr().add(pos) as *mut u32).write_unaligned(lbytes[vv]);
+                }
+            }
+            sc[b * 2 + hf] = d;
+            ds[b * 2 + hf] = d * sum as f32;
+        }
+    }
+
     #[inline(always)]
     unsafe fn reduce512(v: __m512) -> f32 {
         let mut l = [0f32; 16];
@@ -645,6 +729,38 @@ mod tests {
         }
         for n in 0..TILE {
             assert_eq!(POS[n] as usize, interleave(n));
+        }
+    }
+
+    /// The SIMD activation quantizer writes bitwise the scalar oracle's bytes and scales,
+    /// including ties, values past the clamp, zeros, infinities and NaN.
+    #[test]
+    fn simd_activation_quantizer_equals_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if x86::has_avx512bw() {
+            let k = 512;
+            let mut x = signal(k, 21);
+            for (i, v) in [0.5f32, -0.5, 1.5, -2.5, 0.0, f32::INFINITY, f32::NAN, 1e-30].into_iter().enumerate() {
+                x[64 + i * 3] = v;
+            }
+            // A block whose values are exact multiples of d/2 (ties after scaling).
+            for i in 0..32 {
+                x[160 + i] = (i as f32 - 16.0) * 0.5;
+            }
+            x[256..288].fill(0.0);
+            for bits in [ActBits::Fifteen, ActBits::Eight] {
+                let bufs = || (vec![0i8; k], vec![0i8; k], vec![0f32; k / 16], vec![0f32; k / 16]);
+                let (mut h1, mut l1, mut s1, mut d1) = bufs();
+                let (mut h2, mut l2, mut s2, mut d2) = bufs();
+                for b in 0..k / 32 {
+                    quantize_block(&x, b, &mut h1, &mut l1, &mut s1, &mut d1, bits);
+                    unsafe { x86::quantize_block_avx512(&x, b, &mut h2, &mut l2, &mut s2, &mut d2, bits) };
+                }
+                assert_eq!(h1, h2, "{bits:?}");
+                assert_eq!(l1, l2, "{bits:?}");
+                assert_eq!(s1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{bits:?}");
+                assert_eq!(d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), d2.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{bits:?}");
+            }
         }
     }
 
