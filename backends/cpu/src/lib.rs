@@ -8,6 +8,7 @@ pub mod model;
 pub mod ops;
 pub mod pool;
 pub mod qgemm;
+pub mod repack;
 pub mod simd;
 #[doc(hidden)]
 pub mod testdata;
@@ -114,7 +115,7 @@ impl CpuBackend {
     }
 
     pub fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
-        let m = CpuModel::load(path)?;
+        let m = CpuModel::load(path, self.isa, self.pool.threads())?;
         let id = self.next_model;
         self.next_model += 1;
         let desc = ModelDesc {
@@ -125,7 +126,7 @@ impl CpuBackend {
             n_embd: m.hp.n_embd as u32,
             n_ctx_train: m.hp.n_ctx_train as u32,
             weight_bytes: m.weight_bytes,
-            extra_bytes: 0,
+            extra_bytes: m.extra_bytes,
         };
         self.models.insert(id, Arc::new(m));
         Ok(desc)

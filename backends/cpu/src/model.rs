@@ -1,8 +1,12 @@
 //! A loaded model: hyper-parameters plus borrowed views of every weight in the memory-mapped
-//! file (no copies; small norm and bias vectors are dequantized to f32 at load).
+//! file (small norm and bias vectors are dequantized to f32 at load). Where the CPU runs the
+//! fused packed kernels, Q4_K and Q6_K projection matrices are repacked at load into a copy
+//! of the same size (see [`crate::repack`]); the copies are reported as extra memory.
 
 use coordgen_model::quant::GgmlType;
 use coordgen_model::{Arch, HParams, ModelFile, TensorRef};
+
+use crate::simd::Isa;
 
 /// A weight matrix of `rows x cols` in its file type, borrowed from the map.
 pub struct Matrix {
@@ -11,6 +15,8 @@ pub struct Matrix {
     pub cols: usize,
     ptr: *const u8,
     len: usize,
+    /// The rows in the packed layout of [`crate::repack`], when repacked at load.
+    packed: Option<Vec<u8>>,
 }
 
 // SAFETY: the bytes live in a read-only memory map owned by `CpuModel::file`, which outlives
@@ -23,11 +29,29 @@ impl Matrix {
         if t.dims.len() != 2 || t.dims[0] as usize != cols || t.dims[1] as usize != rows {
             return Err(format!("tensor {} has shape {:?}, expected [{cols}, {rows}]", t.name, t.dims));
         }
-        Ok(Matrix { ty: t.ty, rows, cols, ptr: t.data.as_ptr(), len: t.data.len() })
+        Ok(Matrix { ty: t.ty, rows, cols, ptr: t.data.as_ptr(), len: t.data.len(), packed: None })
     }
+    /// The rows' bytes: packed ones when [`Matrix::is_packed`], else the file's.
     pub fn data(&self) -> &[u8] {
-        // SAFETY: see the `Send`/`Sync` impls.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        match &self.packed {
+            Some(p) => p,
+            // SAFETY: see the `Send`/`Sync` impls.
+            None => unsafe { std::slice::from_raw_parts(self.ptr, self.len) },
+        }
+    }
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+    /// Repacks the rows when the type has a packed layout and the CPU its kernels; returns
+    /// the bytes of the copy (0 when left on the map).
+    fn repack(&mut self, isa: Isa, threads: usize) -> usize {
+        if self.packed.is_some() || !crate::repack::supported(self.ty) || !crate::qgemm::packed_kernels(isa) {
+            return 0;
+        }
+        let p = crate::repack::repack_matrix(isa, self.ty, self.data(), self.rows, self.cols, threads);
+        let n = p.len();
+        self.packed = Some(p);
+        n
     }
     pub fn row_bytes(&self) -> usize {
         self.ty.row_bytes(self.cols)
@@ -63,6 +87,8 @@ pub struct CpuModel {
     /// Inverse frequencies of the rotary embedding, `head_dim / 2`.
     pub rope_inv_freq: Vec<f32>,
     pub weight_bytes: u64,
+    /// Bytes of repacked copies of weights (memory beyond the mapped file).
+    pub extra_bytes: u64,
     // Keeps the map alive; declared last so the views above drop first.
     _file: ModelFile,
 }
@@ -89,7 +115,8 @@ fn matrix(f: &ModelFile, name: &str, rows: usize, cols: usize) -> Result<Matrix,
 }
 
 impl CpuModel {
-    pub fn load(path: &str) -> Result<Self, String> {
+    /// Loads the model, repacking matrices for `isa`'s kernels with `threads` threads.
+    pub fn load(path: &str, isa: Isa, threads: usize) -> Result<Self, String> {
         let file = ModelFile::open(path).map_err(|e| e.to_string())?;
         let hp = file.hparams().map_err(|e| e.to_string())?;
         let (e, hd) = (hp.n_embd, hp.head_dim);
@@ -139,13 +166,17 @@ impl CpuModel {
                 (f / factor) as f32
             })
             .collect();
+        let mut output = output;
+        let mut layers = layers;
         let mut weight_bytes = output.bytes() as u64;
-        for l in &layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+        let mut extra_bytes = output.repack(isa, threads) as u64;
+        for l in &mut layers {
+            for m in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
                 weight_bytes += m.bytes() as u64;
+                extra_bytes += m.repack(isa, threads) as u64;
             }
         }
-        Ok(CpuModel { hp, tok_embd, layers, out_norm, output, rope_inv_freq, weight_bytes, _file: file })
+        Ok(CpuModel { hp, tok_embd, layers, out_norm, output, rope_inv_freq, weight_bytes, extra_bytes, _file: file })
     }
 
     pub fn kv_dim(&self) -> usize {

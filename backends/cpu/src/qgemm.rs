@@ -429,6 +429,49 @@ pub fn dot_tokens(isa: Isa, row: &URow, acts: &QActs, t0: usize, t1: usize, out:
     }
 }
 
+/// Whether this CPU runs the fused kernels on packed rows (so models are repacked at load).
+pub fn packed_kernels(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && x86::has_vnni() {
+        return true;
+    }
+    let _ = isa;
+    false
+}
+
+/// Unpacks a row in the packed layout of [`crate::repack`].
+pub fn unpack_packed_isa(isa: Isa, ty: GgmlType, src: &[u8], row: &mut URow) {
+    #[cfg(target_arch = "x86_64")]
+    if packed_kernels(isa) {
+        // SAFETY: features checked; `src` holds the row's packed blocks.
+        unsafe { x86::unpack_packed(ty == GgmlType::Q6K, src, row) };
+        return;
+    }
+    let _ = isa;
+    crate::repack::unpack_row(ty, src, row)
+}
+
+/// Dot products of `R` packed rows with tokens `t0..t1` (`out[r][i]` = row `r`, token
+/// `t0 + i`), expanding the weights in registers; bitwise the unpacked path's results.
+pub fn dot_packed<const R: usize>(isa: Isa, ty: GgmlType, srcs: [&[u8]; R], acts: &QActs, t0: usize, t1: usize, out: [&mut [f32]; R]) {
+    let bb = ty.block_bytes();
+    assert!(srcs.iter().all(|s| s.len() == acts.kp / TILE * bb) && out.iter().all(|o| o.len() >= t1 - t0));
+    #[cfg(target_arch = "x86_64")]
+    if packed_kernels(isa) {
+        // Rows of a matrix lie back to back: the next call reads the next R rows.
+        let ahead = R * srcs[0].len();
+        let rows = srcs.map(|s| x86::Packed { q6: ty == GgmlType::Q6K, ptr: s.as_ptr(), k: acts.kp, ahead });
+        // SAFETY: features checked; row and output lengths asserted above.
+        unsafe { x86::dot_packed_vnni::<R>(rows, acts, t0, t1, out.map(|o| o.as_mut_ptr())) };
+        return;
+    }
+    let mut row = URow::new(acts.k);
+    for (src, o) in srcs.into_iter().zip(out) {
+        unpack_packed_isa(isa, ty, src, &mut row);
+        dot_tokens(isa, &row, acts, t0, t1, o);
+    }
+}
+
 /// As [`dot_tokens`] for two rows of the same length at once (`out0` for `row0`, `out1` for
 /// `row1`); each result is bitwise the one-row result.
 pub fn dot_tokens2(isa: Isa, row0: &URow, row1: &URow, acts: &QActs, t0: usize, t1: usize, out0: &mut [f32], out1: &mut [f32]) {
@@ -454,6 +497,7 @@ pub mod x86 {
             is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("f16c")
                 && std::env::var("COORDGEN_ISA").map(|v| v != "avx2").unwrap_or(true)
         })
     }
@@ -525,14 +569,127 @@ pub mod x86 {
         reduce16(&l)
     }
 
+    /// Where a kernel gets each tile's four weight vectors and 16 group scales and biases:
+    /// an unpacked row (loads) or a packed file row (expanded in registers).
+    pub trait TileSrc: Copy {
+        /// # Safety
+        /// AVX-512 F/BW must be enabled in the caller; `tile` must be in the row.
+        unsafe fn tile(self, tile: usize) -> ([__m512i; 4], __m512, __m512);
+        fn kp(self) -> usize;
+    }
+
+    impl TileSrc for &URow {
+        #[inline(always)]
+        unsafe fn tile(self, tile: usize) -> ([__m512i; 4], __m512, __m512) {
+            let wq = self.q.as_ptr().add(tile * TILE);
+            let w = [0, 1, 2, 3].map(|v| _mm512_loadu_si512(wq.add(v * 64) as *const _));
+            (w, _mm512_loadu_ps(self.scale16.as_ptr().add(tile * 16)), _mm512_loadu_ps(self.bias16.as_ptr().add(tile * 16)))
+        }
+        fn kp(self) -> usize {
+            self.q.len()
+        }
+    }
+
+    /// A row in the load-time packed layout of [`crate::repack`] (Q4_K or Q6_K).
+    #[derive(Clone, Copy)]
+    pub struct Packed {
+        pub q6: bool,
+        pub ptr: *const u8,
+        pub k: usize,
+        /// Bytes from this row to the one the next call will read: its tiles are prefetched
+        /// while this row computes (the compute between loads otherwise leaves too few
+        /// misses in flight to stream from memory at full speed). 0 = none.
+        pub ahead: usize,
+    }
+
+    impl TileSrc for Packed {
+        // No closures here: a closure would not inherit the caller's target features, and
+        // its intrinsics would become calls.
+        #[inline(always)]
+        unsafe fn tile(self, tile: usize) -> ([__m512i; 4], __m512, __m512) {
+            let m = _mm512_set1_epi8(0x0F);
+            if self.q6 {
+                let blk = self.ptr.add(tile * 210);
+                if self.ahead > 0 {
+                    let pf = blk.wrapping_add(self.ahead);
+                    for l in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(l * 64) as *const i8);
+                    }
+                }
+                let n0 = _mm512_loadu_si512(blk as *const _);
+                let n1 = _mm512_loadu_si512(blk.add(64) as *const _);
+                let h = _mm512_loadu_si512(blk.add(128) as *const _);
+                // Masked before shifting, so no bit crosses into the neighbouring byte.
+                let h0 = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(0x03)), 4);
+                let h1 = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(0x0C)), 2);
+                let h2 = _mm512_and_si512(h, _mm512_set1_epi8(0x30));
+                let h3 = _mm512_srli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(0xC0u8 as i8)), 2);
+                let w = [
+                    _mm512_or_si512(_mm512_and_si512(n0, m), h0),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(n0, 4), m), h1),
+                    _mm512_or_si512(_mm512_and_si512(n1, m), h2),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(n1, 4), m), h3),
+                ];
+                let d = _mm512_set1_ps(crate::unpack_x86::f16_at(blk.add(208)));
+                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i))), d);
+                (w, s, _mm512_mul_ps(s, _mm512_set1_ps(-32.0)))
+            } else {
+                let blk = self.ptr.add(tile * 144);
+                if self.ahead > 0 {
+                    let pf = blk.wrapping_add(self.ahead);
+                    for l in 0..3 {
+                        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(l * 64) as *const i8);
+                    }
+                }
+                let n0 = _mm512_loadu_si512(blk.add(16) as *const _);
+                let n1 = _mm512_loadu_si512(blk.add(80) as *const _);
+                let w = [
+                    _mm512_and_si512(n0, m),
+                    _mm512_and_si512(_mm512_srli_epi16(n0, 4), m),
+                    _mm512_and_si512(n1, m),
+                    _mm512_and_si512(_mm512_srli_epi16(n1, 4), m),
+                ];
+                let d = crate::unpack_x86::f16_at(blk);
+                let dmin = crate::unpack_x86::f16_at(blk.add(2));
+                let (sc, mn) = crate::unpack_x86::k_scale_bytes(std::slice::from_raw_parts(blk.add(4), 12));
+                let pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+                let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm512_set1_ps(d));
+                let mnf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm512_set1_ps(-dmin));
+                (w, _mm512_permutexvar_ps(pair, scf), _mm512_permutexvar_ps(pair, mnf))
+            }
+        }
+        fn kp(self) -> usize {
+            self.k
+        }
+    }
+
+    /// Expands a packed row into the unpacked form (the stores of the fused kernels' loads).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VNNI and F16C; `src` must hold `row.q.len() / 256`
+    /// packed blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn unpack_packed(q6: bool, src: &[u8], row: &mut URow) {
+        let kp = row.q.len();
+        let p = Packed { q6, ptr: src.as_ptr(), k: kp, ahead: 0 };
+        for tile in 0..row.k / TILE {
+            let (w, sc, bi) = p.tile(tile);
+            for (v, wv) in w.iter().enumerate() {
+                _mm512_storeu_si512(row.q.as_mut_ptr().add(tile * TILE + v * 64) as *mut _, *wv);
+            }
+            _mm512_storeu_ps(row.scale16.as_mut_ptr().add(tile * 16), sc);
+            _mm512_storeu_ps(row.bias16.as_mut_ptr().add(tile * 16), bi);
+        }
+    }
+
     /// AVX-512 VNNI; up to 4 tokens share each weight tile.
     ///
     /// # Safety
     /// The CPU must support AVX-512 F/BW/VNNI ([`has_vnni`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn dot_tokens_vnni(row: &URow, acts: &QActs, t0: usize, t1: usize, out: &mut [f32]) {
         let o = out.as_mut_ptr();
-        tokens_vnni::<1>([row], acts, t0, t1, [o]);
+        tokens_vnni::<1, _>([row], acts, t0, t1, [o]);
     }
 
     /// AVX-512 VNNI over two weight rows at once: each activation vector is loaded once for
@@ -541,23 +698,33 @@ pub mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX-512 F/BW/VNNI ([`has_vnni`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn dot_tokens_vnni2(row0: &URow, row1: &URow, acts: &QActs, t0: usize, t1: usize, out0: &mut [f32], out1: &mut [f32]) {
         debug_assert_eq!(row0.q.len(), row1.q.len());
-        tokens_vnni::<2>([row0, row1], acts, t0, t1, [out0.as_mut_ptr(), out1.as_mut_ptr()]);
+        tokens_vnni::<2, _>([row0, row1], acts, t0, t1, [out0.as_mut_ptr(), out1.as_mut_ptr()]);
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tokens_vnni<const R: usize>(rows: [&URow; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
+    /// As [`dot_tokens_vnni2`] straight from two packed rows (no unpacked copy).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VNNI; the rows must hold `acts.kp / 256` packed
+    /// blocks each, and the outputs `t1 - t0` floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn dot_packed_vnni<const R: usize>(rows: [Packed; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
+        tokens_vnni::<R, Packed>(rows, acts, t0, t1, out);
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn tokens_vnni<const R: usize, S: TileSrc>(rows: [S; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         let mut t = t0;
         while t < t1 {
             let n = (t1 - t).min(4);
             let o = out.map(|p| p.add(t - t0));
             match n {
-                4 => tile_vnni::<R, 4>(rows, acts, t, o),
-                3 => tile_vnni::<R, 3>(rows, acts, t, o),
-                2 => tile_vnni::<R, 2>(rows, acts, t, o),
-                _ => tile_vnni::<R, 1>(rows, acts, t, o),
+                4 => tile_vnni::<R, 4, S>(rows, acts, t, o),
+                3 => tile_vnni::<R, 3, S>(rows, acts, t, o),
+                2 => tile_vnni::<R, 2, S>(rows, acts, t, o),
+                _ => tile_vnni::<R, 1, S>(rows, acts, t, o),
             }
             t += n;
         }
@@ -566,9 +733,9 @@ pub mod x86 {
     /// `R` rows x `N` tokens: per tile, each row's four weight vectors stay in registers and
     /// each token's activation vectors are read once for all `R` rows. Every (row, token)
     /// pair goes through the same integer chain and float steps as the scalar oracle.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_vnni<const R: usize, const N: usize>(rows: [&URow; R], acts: &QActs, t: usize, out: [*mut f32; R]) {
-        let kp = rows[0].q.len();
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn tile_vnni<const R: usize, const N: usize, S: TileSrc>(rows: [S; R], acts: &QActs, t: usize, out: [*mut f32; R]) {
+        let kp = rows[0].kp();
         let mut acc = [[_mm512_setzero_ps(); N]; R];
         let mut ph = [std::ptr::null::<i8>(); N];
         let mut pl = [std::ptr::null::<i8>(); N];
@@ -589,12 +756,7 @@ pub mod x86 {
             let mut ws = [_mm512_setzero_ps(); R];
             let mut wb = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                let wq = rows[r].q.as_ptr().add(off);
-                for v in 0..4 {
-                    w[r][v] = _mm512_loadu_si512(wq.add(v * 64) as *const _);
-                }
-                ws[r] = _mm512_loadu_ps(rows[r].scale16.as_ptr().add(tile * 16));
-                wb[r] = _mm512_loadu_ps(rows[r].bias16.as_ptr().add(tile * 16));
+                (w[r], ws[r], wb[r]) = rows[r].tile(tile);
             }
             for j in 0..N {
                 let a = |p: *const i8, v: usize| _mm512_loadu_si512(p.add(off + v * 64) as *const _);

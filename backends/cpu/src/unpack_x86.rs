@@ -35,7 +35,7 @@ pub unsafe fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
 }
 
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)))
 }
 
@@ -107,7 +107,7 @@ unsafe fn legacy(ty: GgmlType, src: &[u8], row: &mut URow) {
 /// packed 12 bytes: words w0,w1,w2 hold sc0-3, m0-3, and the low nibbles of sc4-7 / high
 /// nibbles of m4-7, whose top two bits live in the top bits of w0 (scales) and w1 (mins).
 #[inline(always)]
-fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
+pub(crate) fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
     let w0 = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
     let w1 = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
     let w2 = u32::from_le_bytes([q[8], q[9], q[10], q[11]]);

@@ -1,0 +1,257 @@
+//! Load-time repacking of Q4_K and Q6_K rows into the kernels' tile order.
+//!
+//! The integer kernels want each 256-weight tile as four 64-byte vectors in the interleaved
+//! order of [`crate::qgemm`] (lane `g` of a VNNI sum = group `g`). Unpacking a file row into
+//! that order at run time costs an in-register transpose per tile, about as much as the dot
+//! products themselves at width 1. Repacking once at load stores the same bits in that order,
+//! in blocks of exactly the file's size (so the bytes read per token do not change):
+//!
+//! - **Q4_K** (144 bytes): the 16 header bytes (d, dmin, packed 6-bit scales and mins) as in
+//!   the file, then two 64-byte nibble vectors: byte `j` of the first holds interleaved
+//!   weights `j` (low nibble) and `64 + j` (high nibble), of the second `128 + j` and `192 + j`.
+//! - **Q6_K** (210 bytes): the low four bits as the two nibble vectors above (128 bytes), then
+//!   64 bytes whose bit pairs `2v, 2v + 1` of byte `j` are the top two bits of interleaved
+//!   weight `64 v + j`, then the 16 scales and d as in the file.
+//!
+//! Expanding a packed tile is a few masks and shifts with no cross-lane moves, so the fused
+//! kernels expand weights in registers. [`unpack_row`] is the scalar oracle of that expansion.
+
+use coordgen_model::quant::GgmlType;
+
+use crate::qgemm::{self, URow, TILE};
+use crate::simd::Isa;
+
+/// Whether rows of `ty` are repacked at load.
+pub fn supported(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4K | GgmlType::Q6K)
+}
+
+/// Repacks a whole matrix of `rows` rows of `cols` weights (the file's bytes) into a new
+/// buffer of the same size, spread over `threads` scoped threads.
+pub fn repack_matrix(isa: Isa, ty: GgmlType, src: &[u8], rows: usize, cols: usize, threads: usize) -> Vec<u8> {
+    debug_assert!(supported(ty));
+    let rb = ty.row_bytes(cols);
+    assert_eq!(src.len(), rows * rb);
+    let mut out = vec![0u8; src.len()];
+    let per = rows.div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (ci, chunk) in out.chunks_mut(per * rb).enumerate() {
+            s.spawn(move || {
+                let mut row = URow::new(cols);
+                for (i, dst) in chunk.chunks_exact_mut(rb).enumerate() {
+                    let r = ci * per + i;
+                    let file_row = &src[r * rb..(r + 1) * rb];
+                    qgemm::unpack_row_isa(isa, ty, file_row, &mut row);
+                    pack_row(ty, file_row, &row, dst);
+                }
+            });
+        }
+    });
+    out
+}
+
+/// Writes one row in the packed layout from its file bytes and its unpacked form.
+fn pack_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
+    let bb = ty.block_bytes();
+    for b in 0..row.k / 256 {
+        let q = &row.q[b * TILE..(b + 1) * TILE];
+        let (s, d) = (&src[b * bb..(b + 1) * bb], &mut dst[b * bb..(b + 1) * bb]);
+        let nib = |d: &mut [u8]| {
+            for j in 0..64 {
+                d[j] = (q[j] & 15) | (q[64 + j] & 15) << 4;
+                d[64 + j] = (q[128 + j] & 15) | (q[192 + j] & 15) << 4;
+            }
+        };
+        match ty {
+            GgmlType::Q4K => {
+                d[..16].copy_from_slice(&s[..16]);
+                nib(&mut d[16..144]);
+            }
+            GgmlType::Q6K => {
+                nib(&mut d[..128]);
+                for j in 0..64 {
+                    d[128 + j] = (q[j] >> 4) | (q[64 + j] >> 4) << 2 | (q[128 + j] >> 4) << 4 | (q[192 + j] >> 4) << 6;
+                }
+                d[192..210].copy_from_slice(&s[192..210]);
+            }
+            _ => unreachable!("not a repacked type"),
+        }
+    }
+}
+
+/// Scalar oracle: expands a packed row into the common unpacked form (byte for byte what
+/// [`qgemm::unpack_row`] gives for the file's row).
+pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
+    let bb = ty.block_bytes();
+    for b in 0..row.k / 256 {
+        let blk = &src[b * bb..(b + 1) * bb];
+        let q = &mut row.q[b * TILE..(b + 1) * TILE];
+        let nibbles = if ty == GgmlType::Q4K { &blk[16..144] } else { &blk[..128] };
+        for j in 0..64 {
+            q[j] = nibbles[j] & 15;
+            q[64 + j] = nibbles[j] >> 4;
+            q[128 + j] = nibbles[64 + j] & 15;
+            q[192 + j] = nibbles[64 + j] >> 4;
+        }
+        if ty == GgmlType::Q6K {
+            for j in 0..64 {
+                for v in 0..4 {
+                    q[64 * v + j] |= ((blk[128 + j] >> (2 * v)) & 3) << 4;
+                }
+            }
+        }
+        let (sc, bi) = (&mut row.scale16[b * 16..b * 16 + 16], &mut row.bias16[b * 16..b * 16 + 16]);
+        block_scales(ty, blk, sc, bi);
+    }
+}
+
+/// The 16 group scales and biases of a packed block (the header bytes are the file's).
+pub fn block_scales(ty: GgmlType, blk: &[u8], sc: &mut [f32], bi: &mut [f32]) {
+    let h = |i: usize| half::f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
+    match ty {
+        GgmlType::Q4K => {
+            let (d, dmin) = (h(0), h(2));
+            for j in 0..8 {
+                let (s, m) = coordgen_model::quant::k_scale_min(j, &blk[4..16]);
+                sc[2 * j..2 * j + 2].fill(d * s as f32);
+                bi[2 * j..2 * j + 2].fill(-dmin * m as f32);
+            }
+        }
+        GgmlType::Q6K => {
+            let d = h(208);
+            for g in 0..16 {
+                let s = d * (blk[192 + g] as i8) as f32;
+                sc[g] = s;
+                bi[g] = -32.0 * s;
+            }
+        }
+        _ => unreachable!("not a repacked type"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qgemm::{ActBits, QActs};
+    use coordgen_model::quant::quantize_row;
+
+    /// Packed rows expand (scalar and SIMD) to exactly the file rows' unpacked form.
+    #[test]
+    fn packed_rows_expand_to_the_file_rows_unpacked_form() {
+        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+            for k in [256usize, 1536] {
+                let rows = 3;
+                let w = crate::testdata::signal(rows * k, 9);
+                let src: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
+                let packed = repack_matrix(crate::simd::detect(), ty, &src, rows, k, 2);
+                assert_eq!(packed.len(), src.len());
+                let rb = ty.row_bytes(k);
+                for r in 0..rows {
+                    let (mut want, mut got) = (URow::new(k), URow::new(k));
+                    qgemm::unpack_row(ty, &src[r * rb..(r + 1) * rb], &mut want);
+                    unpack_row(ty, &packed[r * rb..(r + 1) * rb], &mut got);
+                    assert_eq!(want.q, got.q, "{} row {r}", ty.name());
+                    assert_eq!(want.scale16, got.scale16, "{} row {r}", ty.name());
+                    assert_eq!(want.bias16, got.bias16, "{} row {r}", ty.name());
+                    let mut simd = URow::new(k);
+                    qgemm::unpack_packed_isa(crate::simd::detect(), ty, &packed[r * rb..(r + 1) * rb], &mut simd);
+                    assert_eq!(want.q, simd.q, "{} row {r} (SIMD)", ty.name());
+                    assert_eq!(want.scale16, simd.scale16, "{} row {r} (SIMD)", ty.name());
+                    assert_eq!(want.bias16, simd.bias16, "{} row {r} (SIMD)", ty.name());
+                }
+            }
+        }
+    }
+
+    /// The fused kernels on packed rows give bitwise the scalar oracle's dot products on the
+    /// unpacked file rows, for one and two rows and any token range, in both activation modes.
+    #[test]
+    fn fused_packed_dots_equal_the_scalar_oracle() {
+        let isa = crate::simd::detect();
+        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+            for bits in [ActBits::Fifteen, ActBits::Eight] {
+                let (k, n) = (512usize, 9usize);
+                let w = crate::testdata::signal(2 * k, 4);
+                let src: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
+                let packed = repack_matrix(isa, ty, &src, 2, k, 1);
+                let rb = ty.row_bytes(k);
+                let mut acts = QActs::new();
+                acts.quantize(&crate::testdata::signal(n * k, 6), n, k, bits);
+                let oracle: Vec<Vec<f32>> = (0..2)
+                    .map(|r| {
+                        let mut row = URow::new(k);
+                        qgemm::unpack_row(ty, &src[r * rb..(r + 1) * rb], &mut row);
+                        (0..n)
+                            .map(|t| {
+                                let (hi, lo, sa, ds) = acts.row(t);
+                                qgemm::dot_scalar(&row, bits, hi, lo, sa, ds)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let (p0, p1) = (&packed[..rb], &packed[rb..]);
+                for (t0, t1) in [(0, n), (3, 4), (1, 8)] {
+                    let (mut o0, mut o1) = (vec![0f32; t1 - t0], vec![0f32; t1 - t0]);
+                    qgemm::dot_packed::<2>(isa, ty, [p0, p1], &acts, t0, t1, [&mut o0, &mut o1]);
+                    let mut one = vec![0f32; t1 - t0];
+                    qgemm::dot_packed::<1>(isa, ty, [p1], &acts, t0, t1, [&mut one]);
+                    for t in t0..t1 {
+                        let name = format!("{} {bits:?} t={t}", ty.name());
+                        assert_eq!(o0[t - t0].to_bits(), oracle[0][t].to_bits(), "{name} row 0");
+                        assert_eq!(o1[t - t0].to_bits(), oracle[1][t].to_bits(), "{name} row 1");
+                        assert_eq!(one[t - t0].to_bits(), oracle[1][t].to_bits(), "{name} row 1 alone");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::qgemm::{ActBits, QActs};
+    use coordgen_model::quant::quantize_row;
+
+    /// Not a test of speed: prints the best-of-N time of one matrix (8960 x 1536) through the
+    /// unpack path and the fused packed path, for a manual look with
+    /// `cargo test --release -p coordgen-backend-cpu -- --ignored --nocapture packed`.
+    #[test]
+    #[ignore]
+    fn print_packed_vs_unpacked() {
+        let isa = crate::simd::detect();
+        let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(8960);
+        let k = 1536usize;
+        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+            let w = crate::testdata::signal(k * 64, 5);
+            let src: Vec<u8> = (0..rows).flat_map(|r| quantize_row(ty, &w[(r % 64) * k..(r % 64 + 1) * k])).collect();
+            let packed = repack_matrix(isa, ty, &src, rows, k, 1);
+            let rb = ty.row_bytes(k);
+            for n in [1usize, 2, 4, 8, 16] {
+                let x = crate::testdata::signal(n * k, 3);
+                let mut acts = QActs::new();
+                acts.quantize(&x, n, k, ActBits::Fifteen);
+                let mut out = vec![0f32; n];
+                let mut o2 = vec![0f32; n];
+                let mut row = URow::new(k);
+                let mut row2 = URow::new(k);
+                let (mut best_u, mut best_p) = (f64::MAX, f64::MAX);
+                for _ in 0..7 {
+                    let t = std::time::Instant::now();
+                    for r in (0..rows).step_by(2) {
+                        qgemm::unpack_row_isa(isa, ty, &src[r * rb..(r + 1) * rb], &mut row);
+                        qgemm::unpack_row_isa(isa, ty, &src[(r + 1) * rb..(r + 2) * rb], &mut row2);
+                        qgemm::dot_tokens2(isa, &row, &row2, &acts, 0, n, &mut out, &mut o2);
+                    }
+                    best_u = best_u.min(t.elapsed().as_secs_f64());
+                    let t = std::time::Instant::now();
+                    for r in (0..rows).step_by(2) {
+                        qgemm::dot_packed::<2>(isa, ty, [&packed[r * rb..(r + 1) * rb], &packed[(r + 1) * rb..(r + 2) * rb]], &acts, 0, n, [&mut out, &mut o2]);
+                    }
+                    best_p = best_p.min(t.elapsed().as_secs_f64());
+                }
+                println!("{} n={n}: unpack+dot {:.2} ms, packed {:.2} ms ({:.2}x)", ty.name(), best_u * 1e3, best_p * 1e3, best_u / best_p);
+            }
+        }
+    }
+}
