@@ -169,11 +169,22 @@ impl CpuModel {
         let mut output = output;
         let mut layers = layers;
         let mut weight_bytes = output.bytes() as u64;
-        let mut extra_bytes = output.repack(isa, threads) as u64;
+        // Repacked copies replace the mapped bytes, whose pages are then dropped (unless the
+        // tensor is also the embedding table, which reads the file's rows).
+        let repack = |m: &mut Matrix, file: &ModelFile, keep_map: bool| {
+            let n = m.repack(isa, threads) as u64;
+            if n > 0 && !keep_map {
+                // SAFETY: `ptr`/`len` view the live map (see the `Send`/`Sync` impls).
+                file.release(unsafe { std::slice::from_raw_parts(m.ptr, m.len) });
+            }
+            n
+        };
+        let tied = output.ptr == tok_embd.ptr;
+        let mut extra_bytes = repack(&mut output, &file, tied);
         for l in &mut layers {
             for m in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
                 weight_bytes += m.bytes() as u64;
-                extra_bytes += m.repack(isa, threads) as u64;
+                extra_bytes += repack(m, &file, false);
             }
         }
         Ok(CpuModel { hp, tok_embd, layers, out_norm, output, rope_inv_freq, weight_bytes, extra_bytes, _file: file })

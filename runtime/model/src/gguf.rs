@@ -292,6 +292,18 @@ impl GgufFile {
         &self.mmap[t.offset as usize..(t.offset + t.size) as usize]
     }
 
+    /// See [`crate::ModelFile::release`].
+    pub fn release(&self, data: &[u8]) {
+        let base = self.mmap.as_ptr() as usize;
+        let at = data.as_ptr() as usize;
+        if at < base || at + data.len() > base + self.mmap.len() || data.is_empty() {
+            return;
+        }
+        // SAFETY: the map is private and read-only, so dropping its pages loses nothing: any
+        // later access (of these bytes or of neighbours sharing a page) reads the file again.
+        let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at - base, data.len()) };
+    }
+
     pub fn file_size(&self) -> u64 {
         self.mmap.len() as u64
     }

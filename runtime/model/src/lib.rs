@@ -137,6 +137,15 @@ impl ModelFile {
         }
     }
 
+    /// Drops this process's mapped pages under `data` (a tensor of this file) once the
+    /// caller keeps its own copy, so resident memory does not hold both. Best effort: the
+    /// map is read-only, so a later read of those bytes just faults them in again.
+    pub fn release(&self, data: &[u8]) {
+        if let ModelFile::Gguf(g) = self {
+            g.release(data)
+        }
+    }
+
     /// Total bytes of all tensors (weights read per forward, roughly).
     pub fn weight_bytes(&self) -> u64 {
         match self {
