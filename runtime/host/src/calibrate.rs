@@ -2,7 +2,8 @@
 //! logits, as verification needs; and one row, as prefill chunks need) at two context
 //! lengths, measured by a short run and cached per machine, model and backend under the
 //! cache directory. Any change of the CPU, core count, backend threads, model file (path,
-//! size, modification time) or coordgen version changes the key, so it is re-measured.
+//! size, modification time), coordgen version or build (the executable's modification time)
+//! changes the key, so it is re-measured.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,8 +31,17 @@ pub fn key(s: &Session) -> String {
     let (size, mtime) = std::fs::metadata(&path)
         .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0)))
         .unwrap_or((0, 0));
+    // The running build: a rebuilt workspace (new kernels) re-measures instead of trusting
+    // costs timed with the old ones.
+    let build = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     format!(
-        "cpu={cpu};cores={cores};backend={};threads={};max_width={};model={};size={size};mtime={mtime};coordgen={}",
+        "cpu={cpu};cores={cores};backend={};threads={};max_width={};model={};size={size};mtime={mtime};coordgen={};build={build}",
         s.backend.name(),
         caps.threads,
         caps.max_width,
