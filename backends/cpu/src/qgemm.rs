@@ -630,9 +630,8 @@ pub mod x86 {
                     _mm512_or_si512(_mm512_and_si512(n1, m), h2),
                     _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(n1, 4), m), h3),
                 ];
-                let d = _mm512_set1_ps(crate::unpack_x86::f16_at(blk.add(208)));
-                let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i))), d);
-                (w, s, _mm512_mul_ps(s, _mm512_set1_ps(-32.0)))
+                let (s, b) = crate::unpack_x86::q6k_scales(blk);
+                (w, s, b)
             } else {
                 let blk = self.ptr.add(tile * 144);
                 if self.ahead > 0 {
@@ -649,13 +648,8 @@ pub mod x86 {
                     _mm512_and_si512(n1, m),
                     _mm512_and_si512(_mm512_srli_epi16(n1, 4), m),
                 ];
-                let d = crate::unpack_x86::f16_at(blk);
-                let dmin = crate::unpack_x86::f16_at(blk.add(2));
-                let (sc, mn) = crate::unpack_x86::k_scale_bytes(std::slice::from_raw_parts(blk.add(4), 12));
-                let pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-                let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm512_set1_ps(d));
-                let mnf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm512_set1_ps(-dmin));
-                (w, _mm512_permutexvar_ps(pair, scf), _mm512_permutexvar_ps(pair, mnf))
+                let (s, b) = crate::unpack_x86::k45_scales(blk);
+                (w, s, b)
             }
         }
         fn kp(self) -> usize {

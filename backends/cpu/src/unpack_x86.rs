@@ -118,13 +118,41 @@ pub(crate) fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
     (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
 }
 
+/// The 16 group scales `d * sc` and biases `-dmin * m` of a Q4_K/Q5_K block (its first 16
+/// bytes, which the packed layout keeps as in the file). Shared by the unpacker and the
+/// fused kernels; no closures, so it inlines into callers with AVX-512 enabled.
+///
+/// # Safety
+/// Call only from functions with AVX-512 F and F16C enabled; `blk` must hold 16 bytes.
+#[inline(always)]
+pub(crate) unsafe fn k45_scales(blk: *const u8) -> (__m512, __m512) {
+    let d = f16_at(blk);
+    let dmin = f16_at(blk.add(2));
+    let (sc, mn) = k_scale_bytes(std::slice::from_raw_parts(blk.add(4), 12));
+    let pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let scf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm512_set1_ps(d));
+    let mnf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm512_set1_ps(-dmin));
+    (_mm512_permutexvar_ps(pair, scf), _mm512_permutexvar_ps(pair, mnf))
+}
+
+/// The 16 group scales `d * sc` and biases `-32 * d * sc` of a Q6_K block (scales at byte
+/// 192, d at 208 in both the file and the packed layout).
+///
+/// # Safety
+/// As [`k45_scales`]; `blk` must hold 210 bytes.
+#[inline(always)]
+pub(crate) unsafe fn q6k_scales(blk: *const u8) -> (__m512, __m512) {
+    let d = _mm512_set1_ps(f16_at(blk.add(208)));
+    let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i))), d);
+    (s, _mm512_mul_ps(s, _mm512_set1_ps(-32.0)))
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 unsafe fn kquant45(ty: GgmlType, src: &[u8], row: &mut URow) {
     let five = ty == GgmlType::Q5K;
     let bb = ty.block_bytes();
     let m = _mm256_set1_epi8(0x0F);
     let sixteen = _mm256_set1_epi8(0x10);
-    let pair = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
     for b in 0..row.k / 256 {
         let blk = src.as_ptr().add(b * bb);
         let qs = blk.add(if five { 48 } else { 16 });
@@ -143,13 +171,9 @@ unsafe fn kquant45(ty: GgmlType, src: &[u8], row: &mut URow) {
             *rc = join(lo, hi);
         }
         store_tile(r, row.q.as_mut_ptr().add(b * TILE));
-        let d = f16_at(blk);
-        let dmin = f16_at(blk.add(2));
-        let (sc, mn) = k_scale_bytes(std::slice::from_raw_parts(blk.add(4), 12));
-        let scf = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(sc as i64))), _mm256_set1_ps(d)));
-        let mnf = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mn as i64))), _mm256_set1_ps(-dmin)));
-        _mm512_storeu_ps(row.scale16.as_mut_ptr().add(b * 16), _mm512_permutexvar_ps(pair, scf));
-        _mm512_storeu_ps(row.bias16.as_mut_ptr().add(b * 16), _mm512_permutexvar_ps(pair, mnf));
+        let (scf, mnf) = k45_scales(blk);
+        _mm512_storeu_ps(row.scale16.as_mut_ptr().add(b * 16), scf);
+        _mm512_storeu_ps(row.bias16.as_mut_ptr().add(b * 16), mnf);
     }
 }
 
@@ -172,9 +196,8 @@ unsafe fn q6k(src: &[u8], row: &mut URow) {
             );
         }
         store_tile([join(y[0], y[1]), join(y[2], y[3]), join(y[4], y[5]), join(y[6], y[7])], row.q.as_mut_ptr().add(b * TILE));
-        let d = f16_at(blk.add(208));
-        let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i))), _mm512_set1_ps(d));
-        _mm512_storeu_ps(row.scale16.as_mut_ptr().add(b * 16), s);
-        _mm512_storeu_ps(row.bias16.as_mut_ptr().add(b * 16), _mm512_mul_ps(s, _mm512_set1_ps(-32.0)));
+        let (sc, bi) = q6k_scales(blk);
+        _mm512_storeu_ps(row.scale16.as_mut_ptr().add(b * 16), sc);
+        _mm512_storeu_ps(row.bias16.as_mut_ptr().add(b * 16), bi);
     }
 }
