@@ -5,6 +5,8 @@
 //! by the same sequence of floating-point operations whatever the batch width, the tiling
 //! or the thread split (work is split over independent outputs, never over a reduction).
 
+use std::ops::Range;
+
 use coordgen_model::quant::dequantize_row;
 
 use crate::model::Matrix;
@@ -23,18 +25,10 @@ pub struct SharedMut(pub *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// Shared driver of the matrix kernels: rows are split over the pool, tokens are taken in
-/// tiles of `tile`, and for each (row, tile) `row_tile(state, r, t0, t1, dst)` fills
-/// `dst[t - t0] = out[t, r]`. `state` is per-thread scratch made by `init`.
-fn par_rows<S>(
-    pool: &ThreadPool,
-    rows: usize,
-    n_tok: usize,
-    tile: usize,
-    out: &mut [f32],
-    init: impl Fn() -> S + Sync,
-    row_tile: impl Fn(&mut S, usize, usize, usize, &mut [f32]) + Sync,
-) {
+/// Shared driver of the matrix kernels: rows are split over the pool, and each thread runs
+/// `work(rows, put)` for its range of rows, storing results with `put(r, t0, vals)`
+/// (`out[t0 + i, r] = vals[i]`, only for rows of its range).
+fn par_rows(pool: &ThreadPool, rows: usize, n_tok: usize, out: &mut [f32], work: impl Fn(Range<usize>, &dyn Fn(usize, usize, &[f32])) + Sync) {
     assert_eq!(out.len(), n_tok * rows);
     let outp = SharedMut(out.as_mut_ptr());
     let nt = pool.threads();
@@ -43,19 +37,17 @@ fn par_rows<S>(
         if range.is_empty() {
             return;
         }
-        let mut state = init();
-        let mut dst = vec![0f32; tile.min(n_tok)];
         let o = outp;
-        for t0 in (0..n_tok).step_by(tile) {
-            let t1 = (t0 + tile).min(n_tok);
-            for r in range.clone() {
-                row_tile(&mut state, r, t0, t1, &mut dst);
-                for t in t0..t1 {
-                    // SAFETY: row r belongs to this thread only; index in bounds by the assert.
-                    unsafe { *o.0.add(t * rows + r) = dst[t - t0] };
-                }
+        let owned = range.clone();
+        let put = move |r: usize, t0: usize, vals: &[f32]| {
+            assert!(owned.contains(&r) && t0 + vals.len() <= n_tok);
+            for (i, &v) in vals.iter().enumerate() {
+                // SAFETY: row r belongs to this thread only (asserted); index in bounds by the
+                // asserts above.
+                unsafe { *o.0.add((t0 + i) * rows + r) = v };
             }
-        }
+        };
+        work(range, &put);
     });
 }
 
@@ -65,10 +57,18 @@ pub fn matmul(pool: &ThreadPool, isa: Isa, w: &Matrix, x: &[f32], n_tok: usize, 
     let cols = w.cols;
     assert_eq!(x.len(), n_tok * cols);
     let (data, rb) = (w.data(), w.row_bytes());
-    par_rows(pool, w.rows, n_tok, TOKEN_TILE, out, || vec![0f32; cols], |buf, r, t0, t1, dst| {
-        dequantize_row(w.ty, &data[r * rb..(r + 1) * rb], buf);
-        for t in t0..t1 {
-            dst[t - t0] = simd::dot(isa, buf, &x[t * cols..(t + 1) * cols]);
+    par_rows(pool, w.rows, n_tok, out, |range, put| {
+        let mut buf = vec![0f32; cols];
+        let mut dst = vec![0f32; TOKEN_TILE.min(n_tok)];
+        for t0 in (0..n_tok).step_by(TOKEN_TILE) {
+            let t1 = (t0 + TOKEN_TILE).min(n_tok);
+            for r in range.clone() {
+                dequantize_row(w.ty, &data[r * rb..(r + 1) * rb], &mut buf);
+                for t in t0..t1 {
+                    dst[t - t0] = simd::dot(isa, &buf, &x[t * cols..(t + 1) * cols]);
+                }
+                put(r, t0, &dst[..t1 - t0]);
+            }
         }
     });
 }
@@ -82,29 +82,13 @@ const QTOKEN_TILE: usize = 64;
 /// serves two unpacked rows (the results equal the one-row kernel's bit for bit).
 pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut [f32]) {
     assert_eq!(acts.k, w.cols);
-    let (rows, n_tok) = (w.rows, acts.n);
-    assert_eq!(out.len(), n_tok * rows);
+    let n_tok = acts.n;
     let (data, rb) = (w.data(), w.row_bytes());
     let src = |r: usize| &data[r * rb..(r + 1) * rb];
-    let outp = SharedMut(out.as_mut_ptr());
-    let nt = pool.threads();
-    pool.run(&|ti| {
-        let range = split_range(rows, nt, ti);
-        if range.is_empty() {
-            return;
-        }
-        let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
+    par_rows(pool, w.rows, n_tok, out, |range, put| {
         let tile = QTOKEN_TILE.min(n_tok);
         let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
-        let o = outp;
-        // SAFETY: rows of `range` belong to this thread only; indices are in bounds by the
-        // assert above.
-        let put = |r: usize, t0: usize, d: &[f32]| {
-            for (i, &v) in d.iter().enumerate() {
-                unsafe { *o.0.add((t0 + i) * rows + r) = v };
-            }
-        };
-        if w.is_packed() && n_tok <= fused_max() {
+        if w.is_packed() && n_tok <= FUSED_MAX_TOKENS {
             // Few tokens: expand packed weights in registers, no unpacked copy.
             let mut r = range.start;
             while r + 1 < range.end {
@@ -119,6 +103,7 @@ pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut 
             }
             return;
         }
+        let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
         let unpack = |r: usize, u: &mut URow| {
             if w.is_packed() {
                 qgemm::unpack_packed_isa(isa, w.ty, src(r), u)
@@ -151,9 +136,7 @@ pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut 
 /// unpack each row once per token tile instead of expanding it once per 4 tokens (on the
 /// 1.5B model both run prefill at about the same speed, and the fused path is 1.1-1.6x
 /// faster at widths 1-16).
-fn fused_max() -> usize {
-    QTOKEN_TILE
-}
+const FUSED_MAX_TOKENS: usize = QTOKEN_TILE;
 
 /// `out = x W^T`, through the integer path for quantized weights (using `acts`, which must
 /// hold `x` quantized) and the float path otherwise.

@@ -309,9 +309,6 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
                 biases[..2].fill(bias);
             }
             GgmlType::Q4K | GgmlType::Q5K => {
-                let d = h(blk, 0);
-                let dmin = h(blk, 2);
-                let sc = &blk[4..16];
                 let (qh, qs) = if ty == GgmlType::Q5K { (&blk[16..48], &blk[48..176]) } else { (&blk[0..0], &blk[16..144]) };
                 for c in 0..4 {
                     for l in 0..32 {
@@ -323,14 +320,9 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
                         }
                     }
                 }
-                for j in 0..8 {
-                    let (s, m) = k_scale_min(j, sc);
-                    scales[2 * j..2 * j + 2].fill(d * s as f32);
-                    biases[2 * j..2 * j + 2].fill(-dmin * m as f32);
-                }
+                k_block_scales(ty, blk, &mut scales, &mut biases);
             }
             GgmlType::Q6K => {
-                let d = h(blk, 208);
                 for n in 0..2 {
                     let ql = &blk[n * 64..n * 64 + 64];
                     let qh = &blk[128 + n * 32..128 + n * 32 + 32];
@@ -341,11 +333,7 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
                         q[n * 128 + l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
                     }
                 }
-                for g in 0..16 {
-                    let s = d * (blk[192 + g] as i8) as f32;
-                    scales[g] = s;
-                    biases[g] = -32.0 * s;
-                }
+                k_block_scales(ty, blk, &mut scales, &mut biases);
             }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("float weights do not use the integer path"),
         }
@@ -357,6 +345,31 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
             row.scale16[start / 16 + g] = scales[g];
             row.bias16[start / 16 + g] = biases[g];
         }
+    }
+}
+
+/// The 16 group scales and biases (`w = scale * q + bias`) of a Q4_K, Q5_K or Q6_K block
+/// from its header and scale bytes (kept at the same offsets by the packed layout of
+/// [`crate::repack`], whose scalar unpacker shares this).
+pub fn k_block_scales(ty: GgmlType, blk: &[u8], sc: &mut [f32], bi: &mut [f32]) {
+    match ty {
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (d, dmin) = (h(blk, 0), h(blk, 2));
+            for j in 0..8 {
+                let (s, m) = k_scale_min(j, &blk[4..16]);
+                sc[2 * j..2 * j + 2].fill(d * s as f32);
+                bi[2 * j..2 * j + 2].fill(-dmin * m as f32);
+            }
+        }
+        GgmlType::Q6K => {
+            let d = h(blk, 208);
+            for g in 0..16 {
+                let s = d * (blk[192 + g] as i8) as f32;
+                sc[g] = s;
+                bi[g] = -32.0 * s;
+            }
+        }
+        _ => unreachable!("not a k-quant with 16 group scales"),
     }
 }
 

@@ -101,31 +101,8 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
             }
         }
         let (sc, bi) = (&mut row.scale16[b * 16..b * 16 + 16], &mut row.bias16[b * 16..b * 16 + 16]);
-        block_scales(ty, blk, sc, bi);
-    }
-}
-
-/// The 16 group scales and biases of a packed block (the header bytes are the file's).
-pub fn block_scales(ty: GgmlType, blk: &[u8], sc: &mut [f32], bi: &mut [f32]) {
-    let h = |i: usize| half::f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
-    match ty {
-        GgmlType::Q4K => {
-            let (d, dmin) = (h(0), h(2));
-            for j in 0..8 {
-                let (s, m) = coordgen_model::quant::k_scale_min(j, &blk[4..16]);
-                sc[2 * j..2 * j + 2].fill(d * s as f32);
-                bi[2 * j..2 * j + 2].fill(-dmin * m as f32);
-            }
-        }
-        GgmlType::Q6K => {
-            let d = h(208);
-            for g in 0..16 {
-                let s = d * (blk[192 + g] as i8) as f32;
-                sc[g] = s;
-                bi[g] = -32.0 * s;
-            }
-        }
-        _ => unreachable!("not a repacked type"),
+        // The header and scale bytes are the file's, at the file's offsets.
+        qgemm::k_block_scales(ty, blk, sc, bi);
     }
 }
 
