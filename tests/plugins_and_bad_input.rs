@@ -49,7 +49,7 @@ fn tiny_model(dir: &Path) -> std::path::PathBuf {
 fn cli_lists_plugins() {
     let dir = temp_dir("cli-plugins");
     let cfg = dir.join("plugins.toml");
-    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n", plugin_dir().display())).unwrap();
+    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", ""))).unwrap();
     let (code, out, err) = coordgen(&["plugins", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let line = out.lines().find(|l| l.starts_with("cpu")).expect("cpu listed");
@@ -175,7 +175,7 @@ fn over_long_prompt_and_full_context_are_errors() {
     assert!(e.contains("outside the vocabulary"), "{e}");
     // And the CLI exits non-zero with the message.
     let cfg = dir.join("plugins.toml");
-    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n", plugin_dir().display())).unwrap();
+    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", ""))).unwrap();
     let prompt = "x".repeat(100);
     let (code, _, err) = coordgen(&["--config", cfg.to_str().unwrap(), "generate", "-m", p.to_str().unwrap(), "--ctx-size", "32", "-p", &prompt]);
     assert_ne!(code, 0);
@@ -190,7 +190,7 @@ fn cli_reports_malformed_config_and_bad_model_with_nonzero_exit() {
     let (code, _, err) = coordgen(&["--config", cfg.to_str().unwrap(), "plugins"]);
     assert_ne!(code, 0);
     assert!(err.contains("line 5"), "{err}");
-    let good_cfg = format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n", plugin_dir().display());
+    let good_cfg = format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", ""));
     std::fs::write(&cfg, good_cfg).unwrap();
     let bad = dir.join("bad.gguf");
     let good = std::fs::read(tiny_model(&dir)).unwrap();

@@ -4,7 +4,6 @@
 //! and bit-exact batch invariance (alone, in chunks, inside a token tree).
 //! The models are fetched by scripts/fetch_models.sh (the test script runs it).
 
-use std::path::PathBuf;
 
 use coordgen::chat::Message;
 use coordgen::engine::Session;
@@ -14,11 +13,6 @@ use serde_json::Value;
 
 const MODELS: [(&str, &str); 2] = [("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), ("qwen-0.5b", "qwen2.5-coder-0.5b-instruct.gguf")];
 
-fn model_path(file: &str) -> PathBuf {
-    let p = models_dir().join(file);
-    assert!(p.is_file(), "{} is missing: run scripts/fetch_models.sh", p.display());
-    p
-}
 
 fn fixture(name: &str) -> Value {
     let p = repo_path(&format!("tests/fixtures/reference/{name}.json"));
@@ -33,7 +27,7 @@ fn ids(v: &Value) -> Vec<u32> {
 fn tokenizer_and_chat_template_match_reference() {
     for (name, file) in MODELS {
         let f = fixture(name);
-        let s = Session::open(cpu_backend(1), &model_path(file), 64).unwrap();
+        let s = Session::open(cpu_backend(1), &model_file(file), 64).unwrap();
         for case in f["tokenizer"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
             let ours = s.tok.encode(text, false).unwrap();
@@ -59,7 +53,7 @@ fn perplexity_and_top1_agreement_match_reference() {
         let pf = &f["perplexity"];
         let ctx = pf["ctx"].as_u64().unwrap() as usize;
         let tokens = ids(&pf["tokens"]);
-        let mut s = Session::open(cpu_backend(2), &model_path(file), ctx).unwrap();
+        let mut s = Session::open(cpu_backend(2), &model_file(file), ctx).unwrap();
         let r = s.perplexity(&tokens, ctx, true).unwrap();
         let ref_ppl = pf["ppl"].as_f64().unwrap();
         assert_eq!(r.n_scored as u64, pf["n_scored"].as_u64().unwrap());
@@ -89,7 +83,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn batch_invariance_alone_chunked_and_in_a_tree() {
     let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
     for (name, file) in MODELS {
-        let mut s = Session::open(cpu_backend(2), &model_path(file), 256).unwrap();
+        let mut s = Session::open(cpu_backend(2), &model_file(file), 256).unwrap();
         let toks = s.tok.encode(&text, false).unwrap();
         let (np, nc) = (24usize, 8usize);
         let seq = &toks[..np + nc + 1];
@@ -168,9 +162,9 @@ fn chat_cli_reuses_the_cache_between_turns() {
     let exe = plugin_dir().join("coordgen");
     let dir = temp_dir("chat-cli");
     let cfg = dir.join("plugins.toml");
-    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n", plugin_dir().display())).unwrap();
+    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", ""))).unwrap();
     let mut child = std::process::Command::new(exe)
-        .args(["--config", cfg.to_str().unwrap(), "chat", "-m", model_path(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"])
+        .args(["--config", cfg.to_str().unwrap(), "chat", "-m", model_file(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"])
         .env("COORDGEN_CACHE", dir.join("cache"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

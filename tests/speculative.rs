@@ -15,43 +15,20 @@ use coordgen::sampling::{Sampler, SamplingParams};
 use coordgen_model::quant::GgmlType;
 use coordgen_tests::*;
 
-fn model(file: &str) -> PathBuf {
-    let p = models_dir().join(file);
-    assert!(p.is_file(), "{} is missing: run scripts/fetch_models.sh", p.display());
-    p
-}
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const QWEN: &str = "qwen2.5-coder-0.5b-instruct.gguf";
 
 /// A config with every drafter; `extra` is appended (more entries or options).
 fn config(dir: &Path, extra: &str) -> PluginsConfig {
-    let d = plugin_dir();
-    let text = format!(
-        r#"target_backend = "cpu"
-[[plugin]]
-name = "cpu"
-kind = "backend"
-library = "{d}/libcoordgen_backend_cpu.so"
-[plugin.options]
-threads = 2
-[[plugin]]
-name = "ngram"
-kind = "drafter"
-library = "{d}/libcoordgen_drafter_ngram.so"
-[plugin.options]
-cache_dir = "{c}"
-[[plugin]]
-name = "bigram"
-kind = "drafter"
-library = "{d}/libbigram_drafter.so"
-{extra}
-"#,
-        d = d.display(),
-        c = dir.join("cache").display()
-    );
-    let p = dir.join("plugins.toml");
-    std::fs::write(&p, text).unwrap();
-    PluginsConfig::load(Some(&p)).unwrap()
+    let cache = format!("cache_dir = \"{}\"", dir.join("cache").display());
+    let text = [
+        "target_backend = \"cpu\"\n".to_string(),
+        cpu_entry(2),
+        plugin_entry("ngram", "drafter", "coordgen_drafter_ngram", &cache),
+        plugin_entry("bigram", "drafter", "bigram_drafter", ""),
+        format!("{extra}\n"),
+    ];
+    write_config(dir, &text.concat())
 }
 
 fn chat_prompt(s: &Session, user: &str) -> Vec<u32> {
@@ -81,7 +58,7 @@ fn document() -> String {
 #[test]
 fn greedy_output_is_identical_with_every_drafter() {
     let dir = temp_dir("spec-greedy");
-    let smol = model(SMOL);
+    let smol = model_file(SMOL);
     let ds = dir.join("docs.cgds");
     coordgen::index::build(&repo_path("tests/fixtures/eval_text.txt"), &smol, &ds).unwrap();
     let extra = format!(
@@ -146,7 +123,7 @@ fn greedy_identity_on_qwen_code_edit() {
     let dir = temp_dir("spec-qwen");
     let extra = format!("[[plugin]]\nname = \"retrieval\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_retrieval.so\"\n", plugin_dir().display());
     let cfg = config(&dir, &extra);
-    let mut s = Session::open(cpu_backend(2), &model(QWEN), 2048).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(QWEN), 2048).unwrap();
     let code = std::fs::read_to_string(repo_path("runtime/host/src/spec/emit.rs")).unwrap();
     let code: String = code.lines().take(60).collect::<Vec<_>>().join("\n");
     let prompt = chat_prompt(&s, &format!("Rename the field `emitted` to `streamed` in this Rust code and print the whole changed code:\n\n```rust\n{code}\n```"));
@@ -307,7 +284,7 @@ fn failing_drafters_degrade_to_plain_output() {
         );
     }
     let cfg = config(&dir, &extra);
-    let mut s = Session::open(cpu_backend(2), &model(SMOL), 1024).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 1024).unwrap();
     let prompt = chat_prompt(&s, &format!("Repeat this text:\n{}", &document()[..600]));
     let plain = run(&mut s, None, &prompt, &greedy(64));
     for mode in ["panic", "error", "garbage"] {
@@ -327,7 +304,7 @@ fn failing_drafters_degrade_to_plain_output() {
 #[test]
 fn incompatible_or_corrupt_drafter_inputs_are_refused() {
     let dir = temp_dir("spec-bad");
-    let smol = model(SMOL);
+    let smol = model_file(SMOL);
     let ds = dir.join("smol.cgds");
     coordgen::index::build(&repo_path("tests/fixtures/eval_text.txt"), &smol, &ds).unwrap();
     let garbage = dir.join("garbage.cgds");
@@ -344,7 +321,7 @@ fn incompatible_or_corrupt_drafter_inputs_are_refused() {
         g = garbage.display()
     );
     let cfg = config(&dir, &extra);
-    let mut s = Session::open(cpu_backend(2), &model(QWEN), 256).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(QWEN), 256).unwrap();
     for name in ["smol-draft", "smol-ds"] {
         let d = plugins::load_drafters(&cfg, name).unwrap();
         let e = format!("{:#}", s.set_drafter(Some(d)).unwrap_err());
@@ -365,7 +342,7 @@ fn incompatible_or_corrupt_drafter_inputs_are_refused() {
 fn ngram_cache_persists_and_cancel_stops_between_steps() {
     let dir = temp_dir("spec-cache");
     let cfg = config(&dir, "");
-    let mut s = Session::open(cpu_backend(2), &model(SMOL), 1024).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 1024).unwrap();
     let prompt = chat_prompt(&s, "List the numbers from one to thirty in words, separated by commas.");
     let g = run(&mut s, Some(plugins::load_drafters(&cfg, "ngram").unwrap()), &prompt, &greedy(64));
     assert_eq!(g.tokens.len(), 64);

@@ -15,11 +15,6 @@ use coordgen_tests::*;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-fn model(file: &str) -> PathBuf {
-    let p = models_dir().join(file);
-    assert!(p.is_file(), "{} is missing: run scripts/fetch_models.sh", p.display());
-    p
-}
 
 /// Every test of this file shares one cache directory (the calibration lives there).
 fn cache() -> PathBuf {
@@ -34,34 +29,14 @@ fn cache() -> PathBuf {
 }
 
 fn config(dir: &Path, extra: &str) -> PluginsConfig {
-    let d = plugin_dir();
-    let text = format!(
-        r#"target_backend = "cpu"
-{extra}
-[[plugin]]
-name = "cpu"
-kind = "backend"
-library = "{d}/libcoordgen_backend_cpu.so"
-[plugin.options]
-threads = 2
-[[plugin]]
-name = "ngram"
-kind = "drafter"
-library = "{d}/libcoordgen_drafter_ngram.so"
-[[plugin]]
-name = "retrieval"
-kind = "drafter"
-library = "{d}/libcoordgen_drafter_retrieval.so"
-[[plugin]]
-name = "adaptive"
-kind = "scheduler"
-library = "{d}/libcoordgen_scheduler_adaptive.so"
-"#,
-        d = d.display()
-    );
-    let p = dir.join("plugins.toml");
-    std::fs::write(&p, text).unwrap();
-    PluginsConfig::load(Some(&p)).unwrap()
+    let text = [
+        format!("target_backend = \"cpu\"\n{extra}\n"),
+        cpu_entry(2),
+        plugin_entry("ngram", "drafter", "coordgen_drafter_ngram", ""),
+        plugin_entry("retrieval", "drafter", "coordgen_drafter_retrieval", ""),
+        plugin_entry("adaptive", "scheduler", "coordgen_scheduler_adaptive", ""),
+    ];
+    write_config(dir, &text.concat())
 }
 
 fn summary_prompt(s: &Session) -> Vec<u32> {
@@ -73,7 +48,7 @@ fn summary_prompt(s: &Session) -> Vec<u32> {
 #[test]
 fn calibration_is_measured_once_then_cached_per_model() {
     let _c = cache();
-    let mut s = Session::open(cpu_backend(2), &model(SMOL), 1024).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 1024).unwrap();
     let (a, measured) = calibrate::cost_samples(&mut s, false).unwrap();
     let (b, again) = calibrate::cost_samples(&mut s, false).unwrap();
     assert!(!again || measured, "a second call must not measure again");
@@ -87,7 +62,7 @@ fn calibration_is_measured_once_then_cached_per_model() {
     let at = |w: u32| a.iter().find(|x| x.width == w && x.rows == w && x.context == a[0].context).unwrap().micros;
     assert!(at(32) > at(1), "{} vs {}", at(32), at(1));
     // Another model has another key.
-    let other = Session::open(cpu_backend(2), &model("qwen2.5-coder-0.5b-instruct.gguf"), 1024).unwrap();
+    let other = Session::open(cpu_backend(2), &model_file("qwen2.5-coder-0.5b-instruct.gguf"), 1024).unwrap();
     assert_ne!(calibrate::key(&s), calibrate::key(&other));
     let (_, forced) = calibrate::cost_samples(&mut s, true).unwrap();
     assert!(forced, "force re-measures");
@@ -96,7 +71,7 @@ fn calibration_is_measured_once_then_cached_per_model() {
 #[test]
 fn calibrated_predictions_are_the_targets_own_top_tokens() {
     let _c = cache();
-    let mut s = Session::open(cpu_backend(2), &model(SMOL), 1024).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 1024).unwrap();
     let prompt = summary_prompt(&s);
     s.prefill_chunk = 64;
     s.prefill_with(&prompt, Some((3, 5))).unwrap();
@@ -134,7 +109,7 @@ fn every_ablation_configuration_keeps_greedy_output_identical() {
     let _c = cache();
     let dir = temp_dir("techniques-ablation");
     let cfg = config(&dir, "");
-    let mut s = Session::open(cpu_backend(2), &model(SMOL), 2048).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 2048).unwrap();
     s.set_scheduler(scheduler::load_scheduler(&cfg, "adaptive").unwrap()).unwrap();
     let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
     let prompts = vec![
@@ -159,7 +134,7 @@ fn full_configuration_reports_its_techniques_and_the_scheduler_chooses_from_the_
     let dir = temp_dir("techniques-full");
     let cfg = config(&dir, "drafter = \"retrieval\"\nscheduler = \"adaptive\"");
     assert_eq!(cfg.default_scheduler(), "adaptive");
-    let mut s = Session::open(cpu_backend(2), &model(SMOL), 2048).unwrap();
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 2048).unwrap();
     s.set_scheduler(scheduler::load_scheduler(&cfg, "adaptive").unwrap()).unwrap();
     let prompt = summary_prompt(&s);
     let plain = s.generate(&prompt, &GenerateParams { max_tokens: 64, ..Default::default() }, &mut |_| {}).unwrap();

@@ -393,14 +393,31 @@ pub fn plugin_dir() -> PathBuf {
     deps.parent().unwrap().to_path_buf()
 }
 
+/// A `[[plugin]]` entry for `lib<lib>.so` built in this workspace; `options` (TOML lines,
+/// may be empty) go under its `[plugin.options]`.
+pub fn plugin_entry(name: &str, kind: &str, lib: &str, options: &str) -> String {
+    let mut e = format!("[[plugin]]\nname = \"{name}\"\nkind = \"{kind}\"\nlibrary = \"{}/lib{lib}.so\"\n", plugin_dir().display());
+    if !options.is_empty() {
+        e += &format!("[plugin.options]\n{options}\n");
+    }
+    e
+}
+
+/// The CPU backend's entry with `threads` threads.
+pub fn cpu_entry(threads: u32) -> String {
+    plugin_entry("cpu", "backend", "coordgen_backend_cpu", &format!("threads = {threads}"))
+}
+
+/// Writes `text` as `dir/plugins.toml` and loads it, as a user's file would be.
+pub fn write_config(dir: &Path, text: &str) -> PluginsConfig {
+    let p = dir.join("plugins.toml");
+    std::fs::write(&p, text).unwrap();
+    PluginsConfig::load(Some(&p)).unwrap()
+}
+
 /// Loads the CPU backend through its cdylib plugin, as the binary does.
 pub fn cpu_backend(threads: u32) -> Box<dyn Backend> {
-    let cfg = PluginsConfig::parse(
-        &format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}/libcoordgen_backend_cpu.so\"\n[plugin.options]\nthreads = {threads}\n", plugin_dir().display()),
-        "test config",
-        Path::new("."),
-    )
-    .unwrap();
+    let cfg = PluginsConfig::parse(&format!("target_backend = \"cpu\"\n{}", cpu_entry(threads)), "test config", Path::new(".")).unwrap();
     plugins::load_backend(&cfg, "cpu").unwrap_or_else(|e| panic!("{e} (build the workspace first: cargo build --workspace)")).0
 }
 
@@ -415,6 +432,13 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// The models directory ($COORDGEN_MODELS or <repo>/models).
 pub fn models_dir() -> PathBuf {
     std::env::var_os("COORDGEN_MODELS").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+/// A default model file under [`models_dir`], which must have been fetched.
+pub fn model_file(file: &str) -> PathBuf {
+    let p = models_dir().join(file);
+    assert!(p.is_file(), "{} is missing: run scripts/fetch_models.sh", p.display());
+    p
 }
 
 pub fn repo_path(rel: &str) -> PathBuf {
