@@ -46,14 +46,23 @@ fn tokenizer_and_chat_template_match_reference() {
     }
 }
 
+/// 15-bit activations keep the float reference's results (perplexity within 1%, top-1
+/// within 1%); 8-bit ones (the default, llama.cpp's precision) stay within 1% of its
+/// perplexity and agree on at least 95% of the top-1 predictions.
 #[test]
 fn perplexity_and_top1_agreement_match_reference() {
+    for (bits, min_agreement) in [(15, 0.99), (8, 0.95)] {
+        perplexity_against_reference(bits, min_agreement);
+    }
+}
+
+fn perplexity_against_reference(bits: u32, min_agreement: f64) {
     for (name, file) in MODELS {
         let f = fixture(name);
         let pf = &f["perplexity"];
         let ctx = pf["ctx"].as_u64().unwrap() as usize;
         let tokens = ids(&pf["tokens"]);
-        let mut s = Session::open(cpu_backend(2), &model_file(file), ctx).unwrap();
+        let mut s = Session::open(cpu_backend_with(2, &format!("activation_bits = {bits}")), &model_file(file), ctx).unwrap();
         let r = s.perplexity(&tokens, ctx, true).unwrap();
         let ref_ppl = pf["ppl"].as_f64().unwrap();
         assert_eq!(r.n_scored as u64, pf["n_scored"].as_u64().unwrap());
@@ -66,9 +75,9 @@ fn perplexity_and_top1_agreement_match_reference() {
             }
         }
         let agreement = agree as f64 / total as f64;
-        eprintln!("{name}: ppl {:.4} vs reference {ref_ppl:.4} ({:+.3}%), top-1 agreement {:.2}% over {total}", r.ppl, rel * 100.0, agreement * 100.0);
-        assert!(rel < 0.01, "{name}: perplexity {} vs reference {ref_ppl}", r.ppl);
-        assert!(agreement >= 0.99, "{name}: top-1 agreement {agreement}");
+        eprintln!("{name}, {bits}-bit activations: ppl {:.4} vs reference {ref_ppl:.4} ({:+.3}%), top-1 agreement {:.2}% over {total}", r.ppl, rel * 100.0, agreement * 100.0);
+        assert!(rel < 0.01, "{name}, {bits}-bit: perplexity {} vs reference {ref_ppl}", r.ppl);
+        assert!(agreement >= min_agreement, "{name}, {bits}-bit: top-1 agreement {agreement}");
     }
 }
 
@@ -162,7 +171,9 @@ fn chat_cli_reuses_the_cache_between_turns() {
     let exe = plugin_dir().join("coordgen");
     let dir = temp_dir("chat-cli");
     let cfg = dir.join("plugins.toml");
-    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", ""))).unwrap();
+    // 15-bit activations: with 8 (the default) the 135M model's greedy answer to this
+    // question turns from "The capital of France is Paris." into a list of French words.
+    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", "activation_bits = 15"))).unwrap();
     let mut child = std::process::Command::new(exe)
         .args(["--config", cfg.to_str().unwrap(), "chat", "-m", model_file(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"])
         .env("COORDGEN_CACHE", dir.join("cache"))

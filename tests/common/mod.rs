@@ -417,7 +417,13 @@ pub fn write_config(dir: &Path, text: &str) -> PluginsConfig {
 
 /// Loads the CPU backend through its cdylib plugin, as the binary does.
 pub fn cpu_backend(threads: u32) -> Box<dyn Backend> {
-    let cfg = PluginsConfig::parse(&format!("target_backend = \"cpu\"\n{}", cpu_entry(threads)), "test config", Path::new(".")).unwrap();
+    cpu_backend_with(threads, "")
+}
+
+/// As [`cpu_backend`] with extra option lines (e.g. `activation_bits = 15`).
+pub fn cpu_backend_with(threads: u32, options: &str) -> Box<dyn Backend> {
+    let entry = plugin_entry("cpu", "backend", "coordgen_backend_cpu", &format!("threads = {threads}\n{options}"));
+    let cfg = PluginsConfig::parse(&format!("target_backend = \"cpu\"\n{entry}"), "test config", Path::new(".")).unwrap();
     plugins::load_backend(&cfg, "cpu").unwrap_or_else(|e| panic!("{e} (build the workspace first: cargo build --workspace)")).0
 }
 

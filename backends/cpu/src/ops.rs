@@ -86,23 +86,22 @@ pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut 
     let (data, rb) = (w.data(), w.row_bytes());
     let src = |r: usize| &data[r * rb..(r + 1) * rb];
     par_rows(pool, w.rows, n_tok, out, |range, put| {
-        let tile = QTOKEN_TILE.min(n_tok);
-        let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
         if w.is_packed() && n_tok <= FUSED_MAX_TOKENS {
-            // Few tokens: expand packed weights in registers, no unpacked copy.
-            let mut r = range.start;
-            while r + 1 < range.end {
-                qgemm::dot_packed::<2>(isa, w.ty, [src(r), src(r + 1)], acts, 0, n_tok, [&mut d0[..n_tok], &mut d1[..n_tok]]);
-                put(r, 0, &d0[..n_tok]);
-                put(r + 1, 0, &d1[..n_tok]);
-                r += 2;
-            }
-            if r < range.end {
-                qgemm::dot_packed::<1>(isa, w.ty, [src(r)], acts, 0, n_tok, [&mut d0[..n_tok]]);
-                put(r, 0, &d0[..n_tok]);
+            // Few tokens: expand packed weights in registers, no unpacked copy; blocks of
+            // rows per kernel call keep the per-call overhead out of decode.
+            const ROW_BLOCK: usize = 64;
+            let mut d = vec![0f32; ROW_BLOCK.min(range.len()) * n_tok];
+            for b0 in range.clone().step_by(ROW_BLOCK) {
+                let b1 = (b0 + ROW_BLOCK).min(range.end);
+                qgemm::dot_packed_rows(isa, w.ty, data, b0..b1, acts, &mut d);
+                for r in b0..b1 {
+                    put(r, 0, &d[(r - b0) * n_tok..(r - b0 + 1) * n_tok]);
+                }
             }
             return;
         }
+        let tile = QTOKEN_TILE.min(n_tok);
+        let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
         let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
         let unpack = |r: usize, u: &mut URow| {
             if w.is_packed() {

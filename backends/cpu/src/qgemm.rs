@@ -1,18 +1,16 @@
-//! Integer matrix kernels: quantized weight rows times 15-bit activations.
+//! Integer matrix kernels: quantized weight rows times 8- or 15-bit activations.
 //!
 //! **Common unpacked form.** Every quantized type is unpacked row by row into bytes `q`
 //! (unsigned, 0..=255), a float scale and a float bias per 16 weights ("group"), so that
 //! `w = scale16[g] * q + bias16[g]`. Signed Q8_0 weights are stored as `q = w + 128` with
 //! bias `-128 * d`.
 //!
-//! **Activations** are quantized per token in 32-element blocks to 15-bit integers
-//! `qa = 128 * hi + lo` (`hi` in -127..=127, `lo` in 0..=127), so u8 x i8 instructions serve
-//! both bytes; 8-bit activations alone cost several points of top-1 agreement with the
-//! float reference on small models, 15 bits none.
-//!
-//! An 8-bit mode (`ActBits::Eight`: `qa` in -127..=127 in `hi`, `lo` unused) halves the
-//! integer work for users who prefer llama.cpp-like speed to exact agreement with the
-//! float reference; it is just as batch invariant.
+//! **Activations** are quantized per token with one scale per 16 values (one group), by
+//! default to 8 bits (`ActBits::Eight`: `qa` in -127..=127 in `hi`, `lo` unused), about
+//! llama.cpp's precision: one or two points of top-1 agreement with the float reference
+//! on small models. `ActBits::Fifteen` stores 15-bit integers `qa = 128 * hi + lo` (`hi` in -127..=127, `lo` in 0..=127), so
+//! u8 x i8 instructions serve both bytes, at twice the integer work: it keeps the float
+//! reference's results. Both are batch invariant.
 //!
 //! **Tiles.** Rows are processed in tiles of 256 weights = 16 groups, stored *interleaved*:
 //! byte `v*64 + g*4 + e` holds weight `g*16 + v*4 + e`, so 32-bit lane `g` of each of the
@@ -49,10 +47,10 @@ pub const QA_MAX: f32 = 16256.0;
 /// Activation precision of the integer path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ActBits {
-    /// 15-bit activations as two bytes (the default: matches the float reference).
-    #[default]
+    /// 15-bit activations as two bytes: matches the float reference.
     Fifteen,
-    /// 8-bit activations: half the integer work, llama.cpp-like accuracy.
+    /// 8-bit activations (the default): half the integer work, llama.cpp's accuracy.
+    #[default]
     Eight,
 }
 
@@ -207,14 +205,21 @@ fn quantize_blocks(x: &[f32], blocks: std::ops::Range<usize>, hi: &mut [i8], lo:
 fn quantize_block(x: &[f32], b: usize, hi: &mut [i8], lo: &mut [i8], sc: &mut [f32], ds: &mut [f32], bits: ActBits) {
     let qmax = if bits == ActBits::Eight { 127.0 } else { QA_MAX };
     let xb = &x[b * 32..b * 32 + 32];
-    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = amax / qmax;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    // One scale per 16 values (one group): the kernels apply activation scales per group
+    // anyway, and a scale per 16 halves the values an outlier coarsens (at 8 bits this keeps
+    // the 135M test model's answers; per 32 it went astray).
+    let mut d = [0f32; 2];
+    let mut id = [0f32; 2];
+    for hf in 0..2 {
+        let amax = xb[hf * 16..hf * 16 + 16].iter().fold(0f32, |m, v| m.max(v.abs()));
+        d[hf] = amax / qmax;
+        id[hf] = if d[hf] > 0.0 { 1.0 / d[hf] } else { 0.0 };
+    }
     let mut sums = [0i32; 2];
     let tile_base = (b * 32 / TILE) * TILE;
     let within = b * 32 % TILE;
     for (i, &v) in xb.iter().enumerate() {
-        let q = round_half_away(v * id).clamp(-(qmax as i32), qmax as i32);
+        let q = round_half_away(v * id[i / 16]).clamp(-(qmax as i32), qmax as i32);
         sums[i / 16] += q;
         let pos = tile_base + POS[within + i] as usize;
         if bits == ActBits::Eight {
@@ -225,8 +230,8 @@ fn quantize_block(x: &[f32], b: usize, hi: &mut [i8], lo: &mut [i8], sc: &mut [f
         }
     }
     for hf in 0..2 {
-        sc[b * 2 + hf] = d;
-        ds[b * 2 + hf] = d * sums[hf] as f32;
+        sc[b * 2 + hf] = d[hf];
+        ds[b * 2 + hf] = d[hf] * sums[hf] as f32;
     }
 }
 
@@ -471,7 +476,8 @@ pub fn dot_packed<const R: usize>(isa: Isa, ty: GgmlType, srcs: [&[u8]; R], acts
     assert!(srcs.iter().all(|s| s.len() == acts.kp / TILE * bb) && out.iter().all(|o| o.len() >= t1 - t0));
     #[cfg(target_arch = "x86_64")]
     if packed_kernels(isa) {
-        // Rows of a matrix lie back to back: the next call reads the next R rows.
+        // Rows of a matrix lie back to back: prefetch the next R rows, which the next call
+        // reads (callers that go through whole matrices use `dot_packed_rows`).
         let ahead = R * srcs[0].len();
         let rows = srcs.map(|s| x86::Packed { q6: ty == GgmlType::Q6K, ptr: s.as_ptr(), k: acts.kp, ahead });
         // SAFETY: features checked; row and output lengths asserted above.
@@ -482,6 +488,25 @@ pub fn dot_packed<const R: usize>(isa: Isa, ty: GgmlType, srcs: [&[u8]; R], acts
     for (src, o) in srcs.into_iter().zip(out) {
         unpack_packed_isa(isa, ty, src, &mut row);
         dot_tokens(isa, &row, acts, t0, t1, o);
+    }
+}
+
+/// Rows `rows` of a packed matrix `data` (`ty`, rows of `acts.k` weights) for every token
+/// of `acts`: `out[(r - rows.start) * acts.n + t]`. One call per thread's share of a matrix
+/// keeps the per-row overhead out of decode, where a row pair takes only a few tiles; each
+/// result is bitwise [`dot_packed`]'s.
+pub fn dot_packed_rows(isa: Isa, ty: GgmlType, data: &[u8], rows: std::ops::Range<usize>, acts: &QActs, out: &mut [f32]) {
+    let rb = acts.kp / TILE * ty.block_bytes();
+    let n = acts.n;
+    assert!(data.len() >= rows.end * rb && out.len() >= rows.len() * n);
+    #[cfg(target_arch = "x86_64")]
+    if packed_kernels(isa) {
+        // SAFETY: features checked; matrix and output lengths asserted above.
+        unsafe { x86::packed_rows_vnni(ty == GgmlType::Q6K, data.as_ptr(), rb, rows.start, rows.end, acts, out.as_mut_ptr()) };
+        return;
+    }
+    for (i, r) in rows.enumerate() {
+        dot_packed::<1>(isa, ty, [&data[r * rb..(r + 1) * rb]], acts, 0, n, [&mut out[i * n..(i + 1) * n]]);
     }
 }
 
@@ -534,16 +559,15 @@ pub mod x86 {
         let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
         // max(|x|) is exact in any order; NaN lanes are ignored, as `f32::max` does.
         let abs_ord = |x: __m512| _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), _mm512_abs_ps(x));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_ord(v[0]), abs_ord(v[1])));
-        let d = amax / qmax;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let idv = _mm512_set1_ps(id);
         let qm = _mm512_set1_epi32(qmax as i32);
         let one = _mm512_set1_epi32(1);
         let tile_base = (b * 32 / TILE) * TILE;
         let within = b * 32 % TILE;
         for hf in 0..2 {
-            let y = _mm512_mul_ps(v[hf], idv);
+            // One scale per 16 values (one group), as the scalar quantizer.
+            let d = _mm512_reduce_max_ps(abs_ord(v[hf])) / qmax;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let y = _mm512_mul_ps(v[hf], _mm512_set1_ps(id));
             let tr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
             let frac = _mm512_sub_ps(y, tr);
             let mut q = _mm512_cvttps_epi32(y);
@@ -575,11 +599,18 @@ pub mod x86 {
         }
     }
 
+    /// [`reduce16`]'s tree in registers (same additions in the same order, so the same
+    /// bits): lanes i + 8, then i + 4, then i + 2, then i + 1.
+    ///
+    /// # Safety
+    /// Call only from functions with AVX-512 F enabled.
     #[inline(always)]
     unsafe fn reduce512(v: __m512) -> f32 {
-        let mut l = [0f32; 16];
-        _mm512_storeu_ps(l.as_mut_ptr(), v);
-        reduce16(&l)
+        // (extractf64x4 is AVX-512 F; extractf32x8 would need DQ, not enabled here.)
+        let a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))));
+        let b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+        _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps::<1>(c, c)))
     }
 
     /// Where a kernel gets each tile's four weight vectors and 16 group scales and biases:
@@ -609,9 +640,9 @@ pub mod x86 {
         pub q6: bool,
         pub ptr: *const u8,
         pub k: usize,
-        /// Bytes from this row to the one the next call will read: its tiles are prefetched
-        /// while this row computes (the compute between loads otherwise leaves too few
-        /// misses in flight to stream from memory at full speed). 0 = none.
+        /// Bytes from this row to the one to prefetch (into L2) while this row computes
+        /// (the compute between loads otherwise leaves too few misses in flight to stream
+        /// from memory at full speed). 0 = none.
         pub ahead: usize,
     }
 
@@ -626,7 +657,7 @@ pub mod x86 {
                 if self.ahead > 0 {
                     let pf = blk.wrapping_add(self.ahead);
                     for l in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(l * 64) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(l * 64) as *const i8);
                     }
                 }
                 let n0 = _mm512_loadu_si512(blk as *const _);
@@ -650,7 +681,7 @@ pub mod x86 {
                 if self.ahead > 0 {
                     let pf = blk.wrapping_add(self.ahead);
                     for l in 0..3 {
-                        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(l * 64) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(l * 64) as *const i8);
                     }
                 }
                 let n0 = _mm512_loadu_si512(blk.add(16) as *const _);
@@ -661,7 +692,7 @@ pub mod x86 {
                     _mm512_and_si512(n1, m),
                     _mm512_and_si512(_mm512_srli_epi16(n1, 4), m),
                 ];
-                let (s, b) = crate::unpack_x86::k45_scales(blk);
+                let (s, b) = crate::unpack_x86::k4_packed_scales(blk);
                 (w, s, b)
             }
         }
@@ -719,6 +750,36 @@ pub mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn dot_packed_vnni<const R: usize>(rows: [Packed; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         tokens_vnni::<R, Packed>(rows, acts, t0, t1, out);
+    }
+
+    /// How far ahead (in rows) the fused kernels prefetch, into L2. Decode on the 1.5B model
+    /// (2 threads, Zen 4): about 22 tokens/s at 4-16 rows into L2, 17-18 at 2 rows into L1
+    /// (the fill buffers of L1 then bound the misses in flight), 12.8 without prefetching.
+    const PREFETCH_ROWS: usize = 8;
+
+    /// Rows `r0..r1` of a packed matrix (`rb` bytes per row from `base`) for all tokens of
+    /// `acts`, two rows at a time, in one call: `out[(r - r0) * acts.n + t]`. Each result is
+    /// bitwise [`dot_packed_vnni`]'s.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F/BW/VNNI; `base` must hold `r1 * rb` bytes of packed
+    /// rows of `acts.kp / 256` blocks, and `out` `(r1 - r0) * acts.n` floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn packed_rows_vnni(q6: bool, base: *const u8, rb: usize, r0: usize, r1: usize, acts: &QActs, out: *mut f32) {
+        let n = acts.n;
+        let row = |r: usize, ahead: usize| Packed { q6, ptr: base.add(r * rb), k: acts.kp, ahead };
+        let mut r = r0;
+        while r + 1 < r1 {
+            // Prefetch rows PREFETCH_ROWS ahead into L2 while this pair computes (past the
+            // matrix's end this only wastes a hint: prefetches never fault).
+            let o = out.add((r - r0) * n);
+            let ahead = PREFETCH_ROWS * rb;
+            tokens_vnni::<2, Packed>([row(r, ahead), row(r + 1, ahead)], acts, 0, n, [o, o.add(n)]);
+            r += 2;
+        }
+        if r < r1 {
+            tokens_vnni::<1, Packed>([row(r, 0)], acts, 0, n, [out.add((r - r0) * n)]);
+        }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]

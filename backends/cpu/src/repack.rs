@@ -6,8 +6,10 @@
 //! products themselves at width 1. Repacking once at load stores the same bits in that order,
 //! in blocks of exactly the file's size (so the bytes read per token do not change):
 //!
-//! - **Q4_K** (144 bytes): the 16 header bytes (d, dmin, packed 6-bit scales and mins) as in
-//!   the file, then two 64-byte nibble vectors: byte `j` of the first holds interleaved
+//! - **Q4_K** (144 bytes): d and dmin as in the file, then the eight 6-bit scales and eight
+//!   6-bit mins as one little-endian 96-bit field (scale `j` at bit `6 j`, min `j` at bit
+//!   `48 + 6 j`: two 64-bit loads and a variable shift decode all of them, where the file's
+//!   split 4+2-bit packing costs a dozen scalar steps per block), then two 64-byte nibble vectors: byte `j` of the first holds interleaved
 //!   weights `j` (low nibble) and `64 + j` (high nibble), of the second `128 + j` and `192 + j`.
 //! - **Q6_K** (210 bytes): the low four bits as the two nibble vectors above (128 bytes), then
 //!   64 bytes whose bit pairs `2v, 2v + 1` of byte `j` are the top two bits of interleaved
@@ -16,7 +18,7 @@
 //! Expanding a packed tile is a few masks and shifts with no cross-lane moves, so the fused
 //! kernels expand weights in registers. [`unpack_row`] is the scalar oracle of that expansion.
 
-use coordgen_model::quant::GgmlType;
+use coordgen_model::quant::{k_scale_min, GgmlType};
 
 use crate::qgemm::{self, URow, TILE};
 use crate::simd::Isa;
@@ -64,7 +66,13 @@ fn pack_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
         };
         match ty {
             GgmlType::Q4K => {
-                d[..16].copy_from_slice(&s[..16]);
+                d[..4].copy_from_slice(&s[..4]);
+                let mut bits = 0u128;
+                for j in 0..8 {
+                    let (sc, mn) = k_scale_min(j, &s[4..16]);
+                    bits |= (sc as u128) << (6 * j) | (mn as u128) << (48 + 6 * j);
+                }
+                d[4..16].copy_from_slice(&bits.to_le_bytes()[..12]);
                 nib(&mut d[16..144]);
             }
             GgmlType::Q6K => {
@@ -77,6 +85,10 @@ fn pack_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
             _ => unreachable!("not a repacked type"),
         }
     }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Scalar oracle: expands a packed row into the common unpacked form (byte for byte what
@@ -101,8 +113,20 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
             }
         }
         let (sc, bi) = (&mut row.scale16[b * 16..b * 16 + 16], &mut row.bias16[b * 16..b * 16 + 16]);
-        // The header and scale bytes are the file's, at the file's offsets.
-        qgemm::k_block_scales(ty, blk, sc, bi);
+        if ty == GgmlType::Q4K {
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let mut b16 = [0u8; 16];
+            b16[..12].copy_from_slice(&blk[4..16]);
+            let bits = u128::from_le_bytes(b16);
+            for j in 0..8 {
+                let (s, m) = ((bits >> (6 * j)) & 63, (bits >> (48 + 6 * j)) & 63);
+                sc[2 * j..2 * j + 2].fill(d * s as f32);
+                bi[2 * j..2 * j + 2].fill(-dmin * m as f32);
+            }
+        } else {
+            // Q6_K's scale bytes and d are the file's, at the file's offsets.
+            qgemm::k_block_scales(ty, blk, sc, bi);
+        }
     }
 }
 
@@ -141,20 +165,21 @@ mod tests {
     }
 
     /// The fused kernels on packed rows give bitwise the scalar oracle's dot products on the
-    /// unpacked file rows, for one and two rows and any token range, in both activation modes.
+    /// unpacked file rows, for one and two rows, row blocks and any token range, in both activation
+    /// modes.
     #[test]
     fn fused_packed_dots_equal_the_scalar_oracle() {
         let isa = crate::simd::detect();
         for ty in [GgmlType::Q4K, GgmlType::Q6K] {
             for bits in [ActBits::Fifteen, ActBits::Eight] {
                 let (k, n) = (512usize, 9usize);
-                let w = crate::testdata::signal(2 * k, 4);
+                let w = crate::testdata::signal(3 * k, 4);
                 let src: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
-                let packed = repack_matrix(isa, ty, &src, 2, k, 1);
+                let packed = repack_matrix(isa, ty, &src, 3, k, 1);
                 let rb = ty.row_bytes(k);
                 let mut acts = QActs::new();
                 acts.quantize(&crate::testdata::signal(n * k, 6), n, k, bits);
-                let oracle: Vec<Vec<f32>> = (0..2)
+                let oracle: Vec<Vec<f32>> = (0..3)
                     .map(|r| {
                         let mut row = URow::new(k);
                         qgemm::unpack_row(ty, &src[r * rb..(r + 1) * rb], &mut row);
@@ -166,7 +191,17 @@ mod tests {
                             .collect()
                     })
                     .collect();
-                let (p0, p1) = (&packed[..rb], &packed[rb..]);
+                // Row blocks (pairs and an odd tail) for every token at once.
+                for rows in [0..3, 1..3, 2..3] {
+                    let mut out = vec![0f32; rows.len() * n];
+                    qgemm::dot_packed_rows(isa, ty, &packed, rows.clone(), &acts, &mut out);
+                    for (i, r) in rows.enumerate() {
+                        for t in 0..n {
+                            assert_eq!(out[i * n + t].to_bits(), oracle[r][t].to_bits(), "{} {bits:?} rows block, row {r} t={t}", ty.name());
+                        }
+                    }
+                }
+                let (p0, p1) = (&packed[..rb], &packed[rb..2 * rb]);
                 for (t0, t1) in [(0, n), (3, 4), (1, 8)] {
                     let (mut o0, mut o1) = (vec![0f32; t1 - t0], vec![0f32; t1 - t0]);
                     qgemm::dot_packed::<2>(isa, ty, [p0, p1], &acts, t0, t1, [&mut o0, &mut o1]);
@@ -198,7 +233,7 @@ mod timing {
     fn print_packed_vs_unpacked() {
         let isa = crate::simd::detect();
         let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(8960);
-        let k = 1536usize;
+        let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1536);
         for ty in [GgmlType::Q4K, GgmlType::Q6K] {
             let w = crate::testdata::signal(k * 64, 5);
             let src: Vec<u8> = (0..rows).flat_map(|r| quantize_row(ty, &w[(r % 64) * k..(r % 64 + 1) * k])).collect();
@@ -207,13 +242,15 @@ mod timing {
             for n in [1usize, 2, 4, 8, 16] {
                 let x = crate::testdata::signal(n * k, 3);
                 let mut acts = QActs::new();
-                acts.quantize(&x, n, k, ActBits::Fifteen);
+                let bits = if std::env::var("BITS").as_deref() == Ok("8") { ActBits::Eight } else { ActBits::Fifteen };
+                acts.quantize(&x, n, k, bits);
                 let mut out = vec![0f32; n];
                 let mut o2 = vec![0f32; n];
+                let mut dp = vec![0f32; 64 * n];
                 let mut row = URow::new(k);
                 let mut row2 = URow::new(k);
                 let (mut best_u, mut best_p) = (f64::MAX, f64::MAX);
-                for _ in 0..7 {
+                for _ in 0..(7 * (1 + 20000 / rows)) {
                     let t = std::time::Instant::now();
                     for r in (0..rows).step_by(2) {
                         qgemm::unpack_row_isa(isa, ty, &src[r * rb..(r + 1) * rb], &mut row);
@@ -222,12 +259,13 @@ mod timing {
                     }
                     best_u = best_u.min(t.elapsed().as_secs_f64());
                     let t = std::time::Instant::now();
-                    for r in (0..rows).step_by(2) {
-                        qgemm::dot_packed::<2>(isa, ty, [&packed[r * rb..(r + 1) * rb], &packed[(r + 1) * rb..(r + 2) * rb]], &acts, 0, n, [&mut out, &mut o2]);
+                    for r in (0..rows).step_by(64) {
+                        qgemm::dot_packed_rows(isa, ty, &packed, r..(r + 64).min(rows), &acts, &mut dp);
                     }
                     best_p = best_p.min(t.elapsed().as_secs_f64());
                 }
-                println!("{} n={n}: unpack+dot {:.2} ms, packed {:.2} ms ({:.2}x)", ty.name(), best_u * 1e3, best_p * 1e3, best_u / best_p);
+                let tiles = (rows * k / 256) as f64;
+                println!("{} n={n}: unpack+dot {:.2} ns/tile, packed {:.2} ns/tile ({:.2}x)", ty.name(), best_u * 1e9 / tiles, best_p * 1e9 / tiles, best_u / best_p);
             }
         }
     }

@@ -135,6 +135,32 @@ pub(crate) unsafe fn k45_scales(blk: *const u8) -> (__m512, __m512) {
     (_mm512_permutexvar_ps(pair, scf), _mm512_permutexvar_ps(pair, mnf))
 }
 
+/// As [`k45_scales`] for a block in the packed Q4_K layout of [`crate::repack`] (d, dmin,
+/// then the scales and mins as 6-bit fields at bits `6 j` and `48 + 6 j` of bytes 4..16):
+/// each pair of 32-bit lanes (one 64-bit lane) shifts its own field down, then the low half
+/// is copied into the high one.
+///
+/// # Safety
+/// Call only from functions with AVX-512 F and F16C enabled; `blk` must hold 18 bytes (the
+/// second load reads two bytes past the header, into the block's weights).
+#[inline(always)]
+pub(crate) unsafe fn k4_packed_scales(blk: *const u8) -> (__m512, __m512) {
+    let dd = _mm512_cvtph_ps(_mm256_set1_epi32(std::ptr::read_unaligned(blk as *const i32)));
+    let (d, dmin) = (_mm512_shuffle_ps::<0x00>(dd, dd), _mm512_shuffle_ps::<0x55>(dd, dd));
+    let shifts = _mm512_setr_epi64(0, 6, 12, 18, 24, 30, 36, 42);
+    let six = _mm512_set1_epi32(63);
+    // No closure for the two fields: it would not inherit the caller's target features.
+    let mut f = [_mm512_setzero_ps(); 2];
+    for (i, at) in [4usize, 10].into_iter().enumerate() {
+        let v = _mm512_srlv_epi64(_mm512_set1_epi64(std::ptr::read_unaligned(blk.add(at) as *const i64)), shifts);
+        f[i] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_shuffle_epi32::<0xA0>(v), six));
+    }
+    let sc = _mm512_mul_ps(f[0], d);
+    // -(dmin * m) is (-dmin) * m exactly: rounding is symmetric in sign.
+    let bi = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(f[1], dmin)), _mm512_set1_epi32(i32::MIN)));
+    (sc, bi)
+}
+
 /// The 16 group scales `d * sc` and biases `-32 * d * sc` of a Q6_K block (scales at byte
 /// 192, d at 208 in both the file and the packed layout).
 ///
