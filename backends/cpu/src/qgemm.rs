@@ -447,6 +447,18 @@ pub fn dot_tokens(isa: Isa, row: &URow, acts: &QActs, t0: usize, t1: usize, out:
     }
 }
 
+/// Hints the CPU to bring `bytes` into L2 (one prefetch per 64-byte line; no-op elsewhere).
+#[inline]
+pub fn prefetch_l2(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes.len()).step_by(64) {
+        // SAFETY: prefetching is a hint with no architectural effect, on an in-bounds address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(bytes.as_ptr().add(off) as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 /// Whether this CPU runs the fused kernels on packed rows (so models are repacked at load).
 pub fn packed_kernels(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
