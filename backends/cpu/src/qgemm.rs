@@ -255,8 +255,9 @@ pub fn is_quantized(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
+/// The little-endian f16 at byte `i` of `b`, as f32.
 #[inline]
-fn h(b: &[u8], i: usize) -> f32 {
+pub(crate) fn h(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 

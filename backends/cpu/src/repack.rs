@@ -9,8 +9,9 @@
 //! - **Q4_K** (144 bytes): d and dmin as in the file, then the eight 6-bit scales and eight
 //!   6-bit mins as one little-endian 96-bit field (scale `j` at bit `6 j`, min `j` at bit
 //!   `48 + 6 j`: two 64-bit loads and a variable shift decode all of them, where the file's
-//!   split 4+2-bit packing costs a dozen scalar steps per block), then two 64-byte nibble vectors: byte `j` of the first holds interleaved
-//!   weights `j` (low nibble) and `64 + j` (high nibble), of the second `128 + j` and `192 + j`.
+//!   split 4+2-bit packing costs a dozen scalar steps per block), then two 64-byte nibble
+//!   vectors: byte `j` of the first holds interleaved weights `j` (low nibble) and `64 + j`
+//!   (high nibble), of the second `128 + j` and `192 + j`.
 //! - **Q6_K** (210 bytes): the low four bits as the two nibble vectors above (128 bytes), then
 //!   64 bytes whose bit pairs `2v, 2v + 1` of byte `j` are the top two bits of interleaved
 //!   weight `64 v + j`, then the 16 scales and d as in the file.
@@ -87,10 +88,6 @@ fn pack_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
     }
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
 /// Scalar oracle: expands a packed row into the common unpacked form (byte for byte what
 /// [`qgemm::unpack_row`] gives for the file's row).
 pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
@@ -114,7 +111,7 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
         }
         let (sc, bi) = (&mut row.scale16[b * 16..b * 16 + 16], &mut row.bias16[b * 16..b * 16 + 16]);
         if ty == GgmlType::Q4K {
-            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let (d, dmin) = (qgemm::h(blk, 0), qgemm::h(blk, 2));
             let mut b16 = [0u8; 16];
             b16[..12].copy_from_slice(&blk[4..16]);
             let bits = u128::from_le_bytes(b16);
@@ -165,8 +162,8 @@ mod tests {
     }
 
     /// The fused kernels on packed rows give bitwise the scalar oracle's dot products on the
-    /// unpacked file rows, for one and two rows, row blocks and any token range, in both activation
-    /// modes.
+    /// unpacked file rows, for one and two rows, row blocks and any token range, in both
+    /// activation modes.
     #[test]
     fn fused_packed_dots_equal_the_scalar_oracle() {
         let isa = crate::simd::detect();
