@@ -104,10 +104,10 @@ pub fn qmatmul(pool: &ThreadPool, isa: Isa, w: &Matrix, acts: &QActs, out: &mut 
         let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
         let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
         let unpack = |r: usize, u: &mut URow| {
-            // The row 8 ahead into L2 (as the fused kernels do): unpacking alone leaves too
-            // few misses in flight to stream from memory.
-            if r + 8 < range.end {
-                qgemm::prefetch_l2(src(r + 8));
+            // The row PREFETCH_ROWS ahead into L2 (as the fused kernels do): unpacking alone
+            // leaves too few misses in flight to stream from memory.
+            if r + qgemm::PREFETCH_ROWS < range.end {
+                qgemm::prefetch_l2(src(r + qgemm::PREFETCH_ROWS));
             }
             if w.is_packed() {
                 qgemm::unpack_packed_isa(isa, w.ty, src(r), u)

@@ -355,8 +355,9 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
 }
 
 /// The 16 group scales and biases (`w = scale * q + bias`) of a Q4_K, Q5_K or Q6_K block
-/// from its header and scale bytes (kept at the same offsets by the packed layout of
-/// [`crate::repack`], whose scalar unpacker shares this).
+/// from its header and scale bytes in the file's layout (the packed Q6_K layout of
+/// [`crate::repack`] keeps them at the same offsets, so its scalar unpacker shares this;
+/// the packed Q4_K layout re-encodes them).
 pub fn k_block_scales(ty: GgmlType, blk: &[u8], sc: &mut [f32], bi: &mut [f32]) {
     match ty {
         GgmlType::Q4K | GgmlType::Q5K => {
@@ -447,6 +448,11 @@ pub fn dot_tokens(isa: Isa, row: &URow, acts: &QActs, t0: usize, t1: usize, out:
         }
     }
 }
+
+/// How far ahead (in rows) the matrix kernels prefetch weights, into L2. Decode on the 1.5B
+/// model (2 threads, Zen 4): about 22 tokens/s at 4-16 rows into L2, 17-18 at 2 rows into L1
+/// (the fill buffers of L1 then bound the misses in flight), 12.8 without prefetching.
+pub const PREFETCH_ROWS: usize = 8;
 
 /// Hints the CPU to bring `bytes` into L2 (one prefetch per 64-byte line; no-op elsewhere).
 #[inline]
@@ -764,11 +770,6 @@ pub mod x86 {
     pub unsafe fn dot_packed_vnni<const R: usize>(rows: [Packed; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         tokens_vnni::<R, Packed>(rows, acts, t0, t1, out);
     }
-
-    /// How far ahead (in rows) the fused kernels prefetch, into L2. Decode on the 1.5B model
-    /// (2 threads, Zen 4): about 22 tokens/s at 4-16 rows into L2, 17-18 at 2 rows into L1
-    /// (the fill buffers of L1 then bound the misses in flight), 12.8 without prefetching.
-    const PREFETCH_ROWS: usize = 8;
 
     /// Rows `r0..r1` of a packed matrix (`rb` bytes per row from `base`) for all tokens of
     /// `acts`, two rows at a time, in one call: `out[(r - r0) * acts.n + t]`. Each result is

@@ -35,7 +35,7 @@ pub unsafe fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
 }
 
 #[target_feature(enable = "avx512f,f16c")]
-pub(crate) unsafe fn f16_at(p: *const u8) -> f32 {
+unsafe fn f16_at(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32)))
 }
 
@@ -107,7 +107,7 @@ unsafe fn legacy(ty: GgmlType, src: &[u8], row: &mut URow) {
 /// packed 12 bytes: words w0,w1,w2 hold sc0-3, m0-3, and the low nibbles of sc4-7 / high
 /// nibbles of m4-7, whose top two bits live in the top bits of w0 (scales) and w1 (mins).
 #[inline(always)]
-pub(crate) fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
+fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
     let w0 = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
     let w1 = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
     let w2 = u32::from_le_bytes([q[8], q[9], q[10], q[11]]);
@@ -118,14 +118,14 @@ pub(crate) fn k_scale_bytes(q: &[u8]) -> (u64, u64) {
     (sc_lo as u64 | (sc_hi as u64) << 32, mn_lo as u64 | (mn_hi as u64) << 32)
 }
 
-/// The 16 group scales `d * sc` and biases `-dmin * m` of a Q4_K/Q5_K block (its first 16
-/// bytes, which the packed layout keeps as in the file). Shared by the unpacker and the
-/// fused kernels; no closures, so it inlines into callers with AVX-512 enabled.
+/// The 16 group scales `d * sc` and biases `-dmin * m` of a Q4_K/Q5_K block in the file's
+/// layout (its first 16 bytes; the packed layout has its own, [`k4_packed_scales`]). No
+/// closures, so it inlines into callers with AVX-512 enabled.
 ///
 /// # Safety
 /// Call only from functions with AVX-512 F and F16C enabled; `blk` must hold 16 bytes.
 #[inline(always)]
-pub(crate) unsafe fn k45_scales(blk: *const u8) -> (__m512, __m512) {
+unsafe fn k45_scales(blk: *const u8) -> (__m512, __m512) {
     let d = f16_at(blk);
     let dmin = f16_at(blk.add(2));
     let (sc, mn) = k_scale_bytes(std::slice::from_raw_parts(blk.add(4), 12));
