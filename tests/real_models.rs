@@ -48,21 +48,22 @@ fn tokenizer_and_chat_template_match_reference() {
 
 /// 15-bit activations keep the float reference's results (perplexity within 1%, top-1
 /// within 1%); 8-bit ones (the default, llama.cpp's precision) stay within 1% of its
-/// perplexity and agree on at least 95% of the top-1 predictions.
+/// perplexity and agree on at least 95% of the top-1 predictions, with an f32 or an f16
+/// KV cache.
 #[test]
 fn perplexity_and_top1_agreement_match_reference() {
-    for (bits, min_agreement) in [(15, 0.99), (8, 0.95)] {
-        perplexity_against_reference(bits, min_agreement);
+    for (bits, kv, min_agreement) in [(15, "f32", 0.99), (8, "f32", 0.95), (8, "f16", 0.95)] {
+        perplexity_against_reference(bits, kv, min_agreement);
     }
 }
 
-fn perplexity_against_reference(bits: u32, min_agreement: f64) {
+fn perplexity_against_reference(bits: u32, kv: &str, min_agreement: f64) {
     for (name, file) in MODELS {
         let f = fixture(name);
         let pf = &f["perplexity"];
         let ctx = pf["ctx"].as_u64().unwrap() as usize;
         let tokens = ids(&pf["tokens"]);
-        let mut s = Session::open(cpu_backend_with(2, &format!("activation_bits = {bits}")), &model_file(file), ctx).unwrap();
+        let mut s = Session::open(cpu_backend_with(2, &format!("activation_bits = {bits}\nkv_type = \"{kv}\"")), &model_file(file), ctx).unwrap();
         let r = s.perplexity(&tokens, ctx, true).unwrap();
         let ref_ppl = pf["ppl"].as_f64().unwrap();
         assert_eq!(r.n_scored as u64, pf["n_scored"].as_u64().unwrap());
@@ -75,9 +76,9 @@ fn perplexity_against_reference(bits: u32, min_agreement: f64) {
             }
         }
         let agreement = agree as f64 / total as f64;
-        eprintln!("{name}, {bits}-bit activations: ppl {:.4} vs reference {ref_ppl:.4} ({:+.3}%), top-1 agreement {:.2}% over {total}", r.ppl, rel * 100.0, agreement * 100.0);
-        assert!(rel < 0.01, "{name}, {bits}-bit: perplexity {} vs reference {ref_ppl}", r.ppl);
-        assert!(agreement >= min_agreement, "{name}, {bits}-bit: top-1 agreement {agreement}");
+        eprintln!("{name}, {bits}-bit activations, {kv} KV: ppl {:.4} vs reference {ref_ppl:.4} ({:+.3}%), top-1 agreement {:.2}% over {total}", r.ppl, rel * 100.0, agreement * 100.0);
+        assert!(rel < 0.01, "{name}, {bits}-bit, {kv} KV: perplexity {} vs reference {ref_ppl}", r.ppl);
+        assert!(agreement >= min_agreement, "{name}, {bits}-bit, {kv} KV: top-1 agreement {agreement}");
     }
 }
 
@@ -87,14 +88,15 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 /// The logits of a position are bit-identical whether computed alone, inside chunks of
 /// any width, or inside a token tree with sibling branches; after compacting the tree to
-/// the accepted path, decoding continues bit-identically.
+/// the accepted path, decoding continues bit-identically. Both KV cache types.
 #[test]
 fn batch_invariance_alone_chunked_and_in_a_tree() {
     let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
-    for (name, file) in MODELS {
-        let mut s = Session::open(cpu_backend(2), &model_file(file), 256).unwrap();
+    for ((name, file), kv) in MODELS.iter().flat_map(|m| [(*m, "f32"), (*m, "f16")]) {
+        let mut s = Session::open(cpu_backend_with(2, &format!("kv_type = \"{kv}\"")), &model_file(file), 256).unwrap();
+        let name = format!("{name} ({kv} KV)");
         let toks = s.tok.encode(&text, false).unwrap();
-        let (np, nc) = (24usize, 8usize);
+        let (np, nc) = (40usize, 8usize);
         let seq = &toks[..np + nc + 1];
         let nv = s.model.n_vocab;
         let slot = s.slot;

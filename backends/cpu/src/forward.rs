@@ -3,6 +3,7 @@
 
 use crate::model::CpuModel;
 use crate::attention::{self, AttnShape};
+use crate::kv::{KvBuf, KvType};
 use crate::ops;
 use crate::pool::ThreadPool;
 use crate::qgemm::{ActBits, QActs};
@@ -13,25 +14,36 @@ pub struct Slot {
     pub model: u64,
     pub n_ctx: usize,
     pub len: usize,
-    /// Per layer, `n_ctx x kv_dim` (zero pages are only committed when written).
-    pub k: Vec<Vec<f32>>,
-    pub v: Vec<Vec<f32>>,
+    pub kv_dim: usize,
+    /// Per layer, `n_ctx x kv_dim` keys and values.
+    pub k: Vec<KvBuf>,
+    pub v: Vec<KvBuf>,
 }
 
 impl Slot {
-    pub fn new(model_id: u64, m: &CpuModel, n_ctx: usize) -> Self {
+    pub fn new(model_id: u64, m: &CpuModel, n_ctx: usize, ty: KvType) -> Self {
         let kv = m.kv_dim();
         Slot {
             model: model_id,
             n_ctx,
             len: 0,
-            k: (0..m.hp.n_layer).map(|_| vec![0f32; n_ctx * kv]).collect(),
-            v: (0..m.hp.n_layer).map(|_| vec![0f32; n_ctx * kv]).collect(),
+            kv_dim: kv,
+            k: (0..m.hp.n_layer).map(|_| KvBuf::new(ty, n_ctx * kv)).collect(),
+            v: (0..m.hp.n_layer).map(|_| KvBuf::new(ty, n_ctx * kv)).collect(),
         }
     }
 
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+        self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
+    }
+
+    /// Copies the first `len` entries of `src` (same model and KV type) into this slot.
+    pub fn copy_prefix_from(&mut self, src: &Slot, len: usize) -> Result<(), String> {
+        for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {
+            d.copy_prefix_from(s, len * self.kv_dim)?;
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Keeps entries `0..start`, then `start + keep[k]` moved to `start + k`.
@@ -144,9 +156,13 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
             ops::rope(&mut q[t * q_dim..(t + 1) * q_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
             ops::rope(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
         }
-        slot.k[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&k);
-        slot.v[li][start * kv_dim..(start + w) * kv_dim].copy_from_slice(&v);
-        attention::attention(pool, isa, &shape, &q, &slot.k[li], &slot.v[li], &visible, &mut attn);
+        slot.k[li].write(start * kv_dim, &k);
+        slot.v[li].write(start * kv_dim, &v);
+        match (&slot.k[li], &slot.v[li]) {
+            (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, &q, kc, vc, &visible, &mut attn),
+            (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, &q, kc, vc, &visible, &mut attn),
+            _ => return Err("forward: keys and values of a slot have different types".into()),
+        }
         qa.quantize_on(Some(pool), &attn, w, q_dim, bits);
         ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);

@@ -3,7 +3,10 @@
 //! adapter the plugin hands to the host.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod attn_x86;
 pub mod forward;
+pub mod kv;
 pub mod model;
 pub mod ops;
 pub mod pool;
@@ -29,6 +32,7 @@ use coordgen_interface::{
 use coordgen_model::quant::GgmlType;
 
 use forward::{Batch, Slot};
+use kv::KvType;
 use model::CpuModel;
 use qgemm::ActBits;
 use pool::ThreadPool;
@@ -45,12 +49,16 @@ struct Options {
     /// perplexity within 0.15% of the float reference on the test models) or 15 (matches the
     /// float reference, at twice the integer work).
     activation_bits: Option<u32>,
+    /// Element type of the KV cache: "f32" (default) or "f16" (half the bytes attention
+    /// reads per token over a long context).
+    kv_type: Option<String>,
 }
 
 pub struct CpuBackend {
     pool: ThreadPool,
     isa: Isa,
     act_bits: ActBits,
+    kv_type: KvType,
     models: HashMap<u64, Arc<CpuModel>>,
     slots: HashMap<u32, Slot>,
     next_model: u64,
@@ -69,6 +77,7 @@ impl CpuBackend {
             pool: ThreadPool::new(threads),
             isa: simd::detect(),
             act_bits: ActBits::Eight,
+            kv_type: KvType::F32,
             models: HashMap::new(),
             slots: HashMap::new(),
             next_model: 1,
@@ -88,6 +97,9 @@ impl CpuBackend {
             None | Some(8) => ActBits::Eight,
             Some(other) => return Err(format!("cpu backend options: activation_bits must be 15 or 8, not {other}")),
         };
+        if let Some(t) = &opts.kv_type {
+            b.kv_type = KvType::parse(t).map_err(|e| format!("cpu backend options: {e}"))?;
+        }
         Ok(b)
     }
 
@@ -98,7 +110,7 @@ impl CpuBackend {
     pub fn capabilities(&self) -> BackendCaps {
         BackendCaps {
             weight_types: GgmlType::ALL.iter().map(|t| RString::from(t.name())).collect(),
-            kv_types: RVec::from(vec![RString::from("f32")]),
+            kv_types: RVec::from(vec![RString::from(self.kv_type.name())]),
             widths: RVec::new(),
             max_width: MAX_WIDTH,
             max_context: 0,
@@ -155,7 +167,7 @@ impl CpuBackend {
         let m = self.model(model)?.clone();
         let id = self.next_slot;
         self.next_slot += 1;
-        self.slots.insert(id, Slot::new(model, &m, n_ctx as usize));
+        self.slots.insert(id, Slot::new(model, &m, n_ctx as usize, self.kv_type));
         Ok(id)
     }
 
@@ -190,12 +202,7 @@ impl CpuBackend {
             if len > s.len || len > d.n_ctx {
                 return Err(format!("copy_prefix: {len} entries do not fit (source has {}, destination holds {})", s.len, d.n_ctx));
             }
-            let kv = s.k[0].len() / s.n_ctx;
-            for (dl, sl) in d.k.iter_mut().zip(&s.k).chain(d.v.iter_mut().zip(&s.v)) {
-                dl[..len * kv].copy_from_slice(&sl[..len * kv]);
-            }
-            d.len = len;
-            Ok(())
+            d.copy_prefix_from(&s, len)
         })();
         self.slots.insert(src, s);
         r
@@ -225,6 +232,7 @@ impl CpuBackend {
         serde_json::json!({
             "isa": self.isa.name(),
             "activation_bits": if self.act_bits == ActBits::Eight { 8 } else { 15 },
+            "kv_type": self.kv_type.name(),
             "threads": self.pool.threads(),
             "models": self.models.len(),
             "kv_bytes_reserved": self.slots.values().map(|s| s.bytes()).sum::<usize>(),
