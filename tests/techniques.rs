@@ -64,6 +64,10 @@ fn calibration_is_measured_once_then_cached_per_model() {
     // Another model has another key.
     let other = Session::open(cpu_backend(2), &model_file("qwen2.5-coder-0.5b-instruct.gguf"), 1024).unwrap();
     assert_ne!(calibrate::key(&s), calibrate::key(&other));
+    // So does the same model on a backend with other options (its kernels time differently).
+    let f16 = Session::open(cpu_backend_with(2, "kv_type = \"f16\""), &model_file(SMOL), 1024).unwrap();
+    assert_ne!(calibrate::key(&s), calibrate::key(&f16));
+    assert!(calibrate::key(&s).contains("coordgen_backend_cpu"), "the key names the plugin library");
     let (_, forced) = calibrate::cost_samples(&mut s, true).unwrap();
     assert!(forced, "force re-measures");
 }

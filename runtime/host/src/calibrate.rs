@@ -1,9 +1,10 @@
 //! Calibration of the cost model: the latency of one forward at a range of widths (all rows'
 //! logits, as verification needs; and one row, as prefill chunks need) at two context
 //! lengths, measured by a short run and cached per machine, model and backend under the
-//! cache directory. Any change of the CPU, core count, backend threads, model file (path,
-//! size, modification time), coordgen version or build (the executable's modification time)
-//! changes the key, so it is re-measured.
+//! cache directory. Any change of the CPU, core count, backend threads, backend plugin
+//! (library path, size, modification time, options), model file (path, size, modification
+//! time), coordgen version or build (the executable's modification time) changes the key, so
+//! it is re-measured.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,7 +43,7 @@ pub fn key(s: &Session) -> String {
         .unwrap_or(0);
     format!(
         "cpu={cpu};cores={cores};backend={};threads={};max_width={};model={};size={size};mtime={mtime};coordgen={};build={build}",
-        s.backend.name(),
+        s.backend.identity(),
         caps.threads,
         caps.max_width,
         path.display(),

@@ -59,6 +59,11 @@ pub struct Forward<'a> {
 /// The native backend trait the engine uses.
 pub trait Backend: Send {
     fn name(&self) -> &str;
+    /// What makes this backend's timings what they are beyond its name: the plugin library
+    /// (path, size, modification time) and its options. Calibrations are keyed on it.
+    fn identity(&self) -> String {
+        self.name().to_string()
+    }
     fn capabilities(&self) -> Capabilities;
     fn set_threads(&mut self, n: u32) -> PResult<()>;
     fn load_model(&mut self, path: &Path) -> PResult<ModelInfo>;
@@ -213,10 +218,15 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
     let header = open_header(entry, &path, "coordgen_backend")?;
     let module = header.init_root_module::<BackendModRef>().map_err(|e| load_err(name, version_msg(e)))?;
     let info = check_info(entry, &path, &(module.info())())?;
-    let obj = (module.create())(RStr::from(options_json(entry).as_str()))
+    let options = options_json(entry);
+    let obj = (module.create())(RStr::from(options.as_str()))
         .into_result()
         .map_err(|e| load_err(name, format!("could not start: {e}")))?;
-    Ok((Box::new(ForeignBackend { name: entry.name.clone(), obj }), info))
+    let (size, mtime) = std::fs::metadata(&path)
+        .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0)))
+        .unwrap_or((0, 0));
+    let identity = format!("{}:{}:{size}:{mtime}:{options}", entry.name, path.display());
+    Ok((Box::new(ForeignBackend { name: entry.name.clone(), identity, obj }), info))
 }
 
 /// Loads a drafter plugin named in the config.
@@ -296,6 +306,7 @@ pub fn describe_all(cfg: &PluginsConfig) -> Vec<Result<LoadedInfo, PluginError>>
 
 struct ForeignBackend {
     name: String,
+    identity: String,
     obj: BackendBox,
 }
 
@@ -313,6 +324,9 @@ impl ForeignBackend {
 impl Backend for ForeignBackend {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn identity(&self) -> String {
+        self.identity.clone()
     }
     fn capabilities(&self) -> Capabilities {
         let c = self.obj.capabilities();
