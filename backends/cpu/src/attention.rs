@@ -95,7 +95,8 @@ pub fn attention<E: KvElem>(
 ) {
     let group = s.n_head / s.n_head_kv;
     let kv_dim = s.n_head_kv * s.head_dim;
-    assert!(q.len() >= s.n_tok * s.n_head * s.head_dim && out.len() >= q.len().min(s.n_tok * s.n_head * s.head_dim));
+    let q_len = s.n_tok * s.n_head * s.head_dim;
+    assert!(q.len() >= q_len && out.len() >= q_len, "attention: query or output buffer too small");
     assert!(k_cache.len() >= (s.start + s.n_tok) * kv_dim && v_cache.len() >= (s.start + s.n_tok) * kv_dim);
     let own: Vec<Vec<usize>> =
         (0..s.n_tok).map(|t| (0..s.n_tok).filter(|&j| visible(t, j)).map(|j| s.start + j).collect()).collect();
