@@ -206,7 +206,7 @@ fn cli_reports_malformed_config_and_bad_model_with_nonzero_exit() {
 #[test]
 fn bad_backend_options_are_refused() {
     let lib = plugin_dir().join("libcoordgen_backend_cpu.so");
-    for (opts, want) in [("activation_bits = 7", "activation_bits must be 15 or 8"), ("threds = 2", "unknown field `threds`")] {
+    for (opts, want) in [("activation_bits = 7", "activation_bits must be 15 or 8"), ("kv_type = \"q4\"", "kv_type must be \"f32\" or \"f16\""), ("threds = 2", "unknown field `threds`")] {
         let cfg = PluginsConfig::parse(
             &format!("target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"{}\"\n[plugin.options]\n{opts}\n", lib.display()),
             "test",
