@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use coordgen_interface::CostSample;
 
 use crate::engine::Session;
-use crate::plugins::Forward;
+use crate::plugins::{file_stamp, Forward};
 
 /// Widths timed with logits for every row (verification of drafts and trees).
 const VERIFY_WIDTHS: [u32; 11] = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32];
@@ -29,18 +29,10 @@ pub fn key(s: &Session) -> String {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let caps = s.backend.capabilities();
     let path = std::fs::canonicalize(&s.model_path).unwrap_or_else(|_| s.model_path.clone());
-    let (size, mtime) = std::fs::metadata(&path)
-        .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0)))
-        .unwrap_or((0, 0));
+    let (size, mtime) = file_stamp(&path);
     // The running build: a rebuilt workspace (new kernels) re-measures instead of trusting
     // costs timed with the old ones.
-    let build = std::env::current_exe()
-        .and_then(std::fs::metadata)
-        .ok()
-        .and_then(|m| m.modified().ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let build = std::env::current_exe().map(|p| file_stamp(&p).1).unwrap_or(0);
     format!(
         "cpu={cpu};cores={cores};backend={};threads={};max_width={};model={};size={size};mtime={mtime};coordgen={};build={build}",
         s.backend.identity(),

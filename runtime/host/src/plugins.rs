@@ -212,6 +212,14 @@ pub(crate) fn entry_of_kind<'a>(cfg: &'a PluginsConfig, name: &str, kind: &str, 
     Ok((entry, path))
 }
 
+/// A file's size and modification time (seconds since the epoch), `(0, 0)` where unknown:
+/// what says a file was replaced or rebuilt, for cache keys.
+pub(crate) fn file_stamp(path: &Path) -> (u64, u64) {
+    std::fs::metadata(path)
+        .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0)))
+        .unwrap_or((0, 0))
+}
+
 /// Loads a backend plugin named in the config.
 pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend>, LoadedInfo)> {
     let (entry, path) = entry_of_kind(cfg, name, "backend", "")?;
@@ -222,9 +230,7 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
     let obj = (module.create())(RStr::from(options.as_str()))
         .into_result()
         .map_err(|e| load_err(name, format!("could not start: {e}")))?;
-    let (size, mtime) = std::fs::metadata(&path)
-        .map(|m| (m.len(), m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0)))
-        .unwrap_or((0, 0));
+    let (size, mtime) = file_stamp(&path);
     let identity = format!("{}:{}:{size}:{mtime}:{options}", entry.name, path.display());
     Ok((Box::new(ForeignBackend { name: entry.name.clone(), identity, obj }), info))
 }
