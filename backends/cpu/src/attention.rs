@@ -56,6 +56,7 @@ pub fn uses_avx512(isa: Isa, head_dim: usize) -> bool {
 
 /// One work item's rows and keys.
 pub(crate) struct Item<'a> {
+    pub s: &'a AttnShape,
     /// Batch tokens `t0..t0 + n_t`, query heads `kvh * group + g0 ..+ n_g`.
     pub t0: usize,
     pub n_t: usize,
@@ -64,6 +65,8 @@ pub(crate) struct Item<'a> {
     pub kvh: usize,
     /// Per token of the item, the cache positions of the batch entries it sees.
     pub own: &'a [Vec<usize>],
+    /// Score row length: the most keys a row has, rounded up to whole tiles.
+    pub stride: usize,
 }
 
 impl Item<'_> {
@@ -74,8 +77,26 @@ impl Item<'_> {
     pub fn tok(&self, r: usize) -> usize {
         r / self.n_g
     }
-    pub fn keys(&self, start: usize, r: usize) -> usize {
-        start + self.own[self.tok(r)].len()
+    /// Keys row `r` sees.
+    pub fn keys(&self, r: usize) -> usize {
+        self.s.start + self.own[self.tok(r)].len()
+    }
+    /// Cache position of row `r`'s key of ordinal `o`.
+    pub fn pos(&self, r: usize, o: usize) -> usize {
+        if o < self.s.start {
+            o
+        } else {
+            self.own[self.tok(r)][o - self.s.start]
+        }
+    }
+    /// Offset of row `r`'s query (and output) vector.
+    pub fn row_off(&self, r: usize) -> usize {
+        let (hd, group) = (self.s.head_dim, self.s.n_head / self.s.n_head_kv);
+        (self.t0 + self.tok(r)) * self.s.n_head * hd + (self.kvh * group + self.g0 + r % self.n_g) * hd
+    }
+    /// The factor applied to every score.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.s.head_dim as f32).sqrt()
     }
 }
 
@@ -124,46 +145,31 @@ pub fn attention<E: KvElem>(
                 let (kvh, blk) = (rest % s.n_head_kv, rest / s.n_head_kv);
                 let t0 = blk * tb;
                 let gs = split_range(group, parts, part);
-                let item = Item { t0, n_t: tb.min(s.n_tok - t0), g0: gs.start, n_g: gs.len(), kvh, own: &own[t0..] };
-                let stride = (s.start + item.own[..item.n_t].iter().map(Vec::len).max().unwrap_or(0)).div_ceil(TILE) * TILE;
+                let n_t = tb.min(s.n_tok - t0);
+                let own = &own[t0..t0 + n_t];
+                let stride = (s.start + own.iter().map(Vec::len).max().unwrap_or(0)).div_ceil(TILE) * TILE;
+                let item = Item { s, t0, n_t, g0: gs.start, n_g: gs.len(), kvh, own, stride };
                 scores.resize(item.rows() * stride, 0.0);
-                run_item(isa, fast, s, &item, q, k_cache, v_cache, &mut scores, stride, o);
+                run_item(isa, fast, &item, q, k_cache, v_cache, &mut scores, o);
             }
         });
     });
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_item<E: KvElem>(
-    isa: Isa,
-    fast: bool,
-    s: &AttnShape,
-    it: &Item<'_>,
-    q: &[f32],
-    k: &[E],
-    v: &[E],
-    scores: &mut [f32],
-    stride: usize,
-    out: SharedMut,
-) {
-    let hd = s.head_dim;
-    let group = s.n_head / s.n_head_kv;
-    let q_dim = s.n_head * hd;
-    // Offset of row r's query (and output) vector.
-    let row_off = |r: usize| (it.t0 + it.tok(r)) * q_dim + (it.kvh * group + it.g0 + r % it.n_g) * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let kv_dim = s.n_head_kv * hd;
-    let head = it.kvh * hd;
-    // Cache position of ordinal `o` for row `r`.
-    let pos = |r: usize, o: usize| if o < s.start { o } else { it.own[it.tok(r)][o - s.start] };
+fn run_item<E: KvElem>(isa: Isa, fast: bool, it: &Item<'_>, q: &[f32], k: &[E], v: &[E], scores: &mut [f32], out: SharedMut) {
     #[cfg(target_arch = "x86_64")]
     if fast {
         // SAFETY: `fast` is only true when AVX-512F was detected; every pointer below stays
         // inside `q`, `k`, `v`, `scores` or this item's own output rows.
-        unsafe { crate::attn_x86::run_item(s, it, &row_off, &pos, q, k, v, scores, stride, out, scale) };
+        unsafe { crate::attn_x86::run_item(it, q, k, v, scores, out) };
         return;
     }
     let _ = fast;
+    let s = it.s;
+    let (hd, stride, scale) = (s.head_dim, it.stride, it.scale());
+    let kv_dim = s.n_head_kv * hd;
+    let head = it.kvh * hd;
 
     // Portable path: per key, one dot product per row (simd::dot), then a scalar softmax and
     // per key one multiply-add per row (simd::axpy).
@@ -182,20 +188,20 @@ fn run_item<E: KvElem>(
         // SAFETY: `row_of` points at `hd` valid f32s (the cache row, or `kbuf`).
         let kr = unsafe { std::slice::from_raw_parts(row_of(k, o, &mut kbuf), hd) };
         for r in 0..rows {
-            let qo = row_off(r);
+            let qo = it.row_off(r);
             scores[r * stride + o] = simd::dot(isa, &q[qo..qo + hd], kr) * scale;
         }
     }
     for r in 0..rows {
-        let qo = row_off(r);
-        for o in s.start..it.keys(s.start, r) {
-            let kr = unsafe { std::slice::from_raw_parts(row_of(k, pos(r, o), &mut kbuf), hd) };
+        let qo = it.row_off(r);
+        for o in s.start..it.keys(r) {
+            let kr = unsafe { std::slice::from_raw_parts(row_of(k, it.pos(r, o), &mut kbuf), hd) };
             scores[r * stride + o] = simd::dot(isa, &q[qo..qo + hd], kr) * scale;
         }
-        softmax_scalar(&mut scores[r * stride..r * stride + it.keys(s.start, r)]);
+        softmax_scalar(&mut scores[r * stride..r * stride + it.keys(r)]);
     }
     // SAFETY: each item owns its rows' output vectors (disjoint tokens x query heads).
-    let out_row = |r: usize| unsafe { std::slice::from_raw_parts_mut(out.0.add(row_off(r)), hd) };
+    let out_row = |r: usize| unsafe { std::slice::from_raw_parts_mut(out.0.add(it.row_off(r)), hd) };
     for r in 0..rows {
         out_row(r).fill(0.0);
     }
@@ -206,8 +212,8 @@ fn run_item<E: KvElem>(
         }
     }
     for r in 0..rows {
-        for o in s.start..it.keys(s.start, r) {
-            let vr = unsafe { std::slice::from_raw_parts(row_of(v, pos(r, o), &mut kbuf), hd) };
+        for o in s.start..it.keys(r) {
+            let vr = unsafe { std::slice::from_raw_parts(row_of(v, it.pos(r, o), &mut kbuf), hd) };
             simd::axpy(isa, scores[r * stride + o], vr, out_row(r));
         }
     }

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::attention::{AttnShape, TILE};
+use crate::attention::TILE;
 use crate::kv::KvElem;
 use crate::ops::SharedMut;
 
@@ -188,22 +188,17 @@ macro_rules! pv_rows {
 }
 
 /// The whole item: scores, softmax and value sums for its rows (see `attention.rs`).
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn run_item<E: KvElem>(
-    s: &AttnShape,
     it: &crate::attention::Item<'_>,
-    row_off: &dyn Fn(usize) -> usize,
-    pos: &dyn Fn(usize, usize) -> usize,
     q: &[f32],
     k: &[E],
     v: &[E],
     scores: &mut [f32],
-    stride: usize,
     out: SharedMut,
-    scale: f32,
 ) {
-    let hd = s.head_dim;
+    let s = it.s;
+    let (hd, stride, scale) = (s.head_dim, it.stride, it.scale());
     let kv_dim = s.n_head_kv * hd;
     let head = it.kvh * hd;
     let rows = it.rows();
@@ -218,17 +213,17 @@ pub(crate) unsafe fn run_item<E: KvElem>(
             *key = kp.add((tile * TILE + l) * kv_dim);
         }
         for r in 0..rows {
-            qk_tile(qp.add(row_off(r)), &keys, hd, scale, sp.add(r * stride + tile * TILE));
+            qk_tile(qp.add(it.row_off(r)), &keys, hd, scale, sp.add(r * stride + tile * TILE));
         }
     }
     for r in 0..rows {
-        let nk = it.keys(s.start, r);
+        let nk = it.keys(r);
         for tile in shared_tiles..nk.div_ceil(TILE) {
             for (l, key) in keys.iter_mut().enumerate() {
                 let o = tile * TILE + l;
-                *key = if o < nk { kp.add(pos(r, o) * kv_dim) } else { zero.as_ptr() };
+                *key = if o < nk { kp.add(it.pos(r, o) * kv_dim) } else { zero.as_ptr() };
             }
-            qk_tile(qp.add(row_off(r)), &keys, hd, scale, sp.add(r * stride + tile * TILE));
+            qk_tile(qp.add(it.row_off(r)), &keys, hd, scale, sp.add(r * stride + tile * TILE));
         }
         softmax(std::slice::from_raw_parts_mut(sp.add(r * stride), nk));
     }
@@ -242,7 +237,7 @@ pub(crate) unsafe fn run_item<E: KvElem>(
         let mut o = [std::ptr::null_mut::<f32>(); MAX_ROWS];
         for (i, r) in rs.clone().enumerate() {
             p[i] = sp.add(r * stride);
-            o[i] = out.0.add(row_off(r));
+            o[i] = out.0.add(it.row_off(r));
         }
         let mut d0 = 0;
         while d0 < hd {
@@ -258,11 +253,11 @@ pub(crate) unsafe fn run_item<E: KvElem>(
     }
     let mut tail_keys = Vec::new();
     for r in 0..rows {
-        let nk = it.keys(s.start, r);
+        let nk = it.keys(r);
         tail_keys.clear();
-        tail_keys.extend((s.start..nk).map(|o| pos(r, o)));
+        tail_keys.extend((s.start..nk).map(|o| it.pos(r, o)));
         let pr = std::slice::from_raw_parts(sp.add(r * stride + s.start), nk - s.start);
-        let orow = out.0.add(row_off(r));
+        let orow = out.0.add(it.row_off(r));
         for d0 in (0..hd).step_by(16) {
             pv_tail(pr, &tail_keys, vp.add(d0), kv_dim, orow.add(d0));
         }
