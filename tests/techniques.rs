@@ -15,7 +15,6 @@ use coordgen_tests::*;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-
 /// Every test of this file shares one cache directory (the calibration lives there).
 fn cache() -> PathBuf {
     static ONCE: Once = Once::new();
@@ -148,6 +147,11 @@ fn full_configuration_reports_its_techniques_and_the_scheduler_chooses_from_the_
     let sp = g.spec.unwrap();
     assert_eq!(sp.scheduler, "adaptive");
     assert!(sp.calibrated_positions > 0 && sp.calibration_stride >= 2, "{sp:?}");
+    // Retrieval scores its drafts, so every verified draft was planned and counted under a
+    // confidence class (or the reused-segment class).
+    assert!(sp.draft_steps > 0, "{sp:?}");
+    assert_eq!(sp.drafts_by_confidence.iter().sum::<u64>(), sp.draft_steps, "{sp:?}");
+    assert_eq!(sp.accepted_by_confidence.iter().sum::<u64>(), sp.accepted, "{sp:?}");
     // The prefill chunk is the calibrated prefill width with the most tokens per ms.
     let best = s
         .costs

@@ -76,6 +76,15 @@ pub fn create(options: &str) -> Result<NgramDrafter, String> {
     Ok(NgramDrafter { opts, cache, cache_path, tail: Vec::new() })
 }
 
+/// Confidence of a lookup draft: the longer the matched n-gram, the likelier the copy goes on
+/// (a 1-gram match is often a coincidence). In (0, 1]; the host groups drafts by it.
+fn match_confidence(n: usize, max_n: usize) -> f32 {
+    n as f32 / max_n.max(1) as f32
+}
+
+/// Confidence of a draft from the n-gram cache (output learnt in earlier requests).
+const CACHE_CONFIDENCE: f32 = 0.1;
+
 impl DraftSource for NgramDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
         self.tail = prompt[prompt.len().saturating_sub(2)..].to_vec();
@@ -85,14 +94,14 @@ impl DraftSource for NgramDrafter {
     fn propose(&mut self, seq: &[u32], budget: DraftBudget) -> Result<DraftTree, String> {
         let mut tb = TreeBuilder::new(budget);
         let depth = budget.max_depth as usize;
-        let conts = lookup::continuations(seq, self.opts.min_ngram, self.opts.max_ngram, depth, self.opts.branches);
+        let (n, conts) = lookup::continuations(seq, self.opts.min_ngram, self.opts.max_ngram, depth, self.opts.branches);
         for (k, c) in conts.iter().enumerate() {
-            tb.insert_path(c, 1.0 / (k + 1) as f32);
+            tb.insert_path(c, match_confidence(n, self.opts.max_ngram) / (k + 1) as f32);
         }
         if tb.is_empty() {
             if let (Some(c), true) = (&self.cache, seq.len() >= 2) {
                 let path = c.greedy_chain(seq[seq.len() - 2], seq[seq.len() - 1], depth);
-                tb.insert_path(&path, 0.5);
+                tb.insert_path(&path, CACHE_CONFIDENCE);
             }
         }
         Ok(tb.build())

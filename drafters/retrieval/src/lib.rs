@@ -100,7 +100,10 @@ enum Handle {
 }
 
 struct Candidate {
+    /// Path probability: the best-first order.
     score: f32,
+    /// What the tree records as the node's score (see `propose`).
+    conf: f32,
     parent: i32,
     token: u32,
     handles: Vec<Handle>,
@@ -142,8 +145,9 @@ impl RetrievalDrafter {
         self.sam.extend(seq);
     }
 
-    /// Children of a node: (token, probability, handles), merged across sources.
-    fn children(&self, handles: &[Handle]) -> Vec<(u32, f32, Vec<Handle>)> {
+    /// Children of a node: (token, probability, handles), merged across sources, with the
+    /// literal continuations' share scaled by `literal_confidence` (see [`match_confidence`]).
+    fn children(&self, handles: &[Handle], literal_confidence: f32) -> Vec<(u32, f32, Vec<Handle>)> {
         let mut out: Vec<(u32, f32, Vec<Handle>)> = Vec::new();
         let total_w: f32 = handles
             .iter()
@@ -170,7 +174,7 @@ impl RetrievalDrafter {
                     let kids: Vec<(u32, u32, u32)> = self.sam.children(state).collect();
                     let n: u32 = kids.iter().map(|k| k.2).sum();
                     let pred = self.sam.latest_followed_end(state).and_then(|e| self.preds.get(&e));
-                    let lit_w = if pred.is_some() { 1.0 - self.opts.calibration_weight } else { 1.0 };
+                    let lit_w = literal_confidence * if pred.is_some() { 1.0 - self.opts.calibration_weight } else { 1.0 };
                     for (tok, next, c) in kids {
                         add(tok, weight / total_w * lit_w * c as f32 / n.max(1) as f32, Handle::Local { state: next, weight });
                     }
@@ -189,7 +193,7 @@ impl RetrievalDrafter {
                     if let Some(ds) = &self.store {
                         let n = (range.hi - range.lo) as f32;
                         for (tok, r) in ds.children(range) {
-                            add(tok, weight / total_w * (r.hi - r.lo) as f32 / n, Handle::Store { range: r, weight });
+                            add(tok, literal_confidence * weight / total_w * (r.hi - r.lo) as f32 / n, Handle::Store { range: r, weight });
                         }
                     }
                 }
@@ -198,6 +202,15 @@ impl RetrievalDrafter {
         out
     }
 }
+
+/// Confidence in a continuation after a suffix match of `len` tokens, in (0, 1]: grows with
+/// the length up to [`CONFIDENT_MATCH`] tokens (one-token matches are often coincidences).
+fn match_confidence(len: usize) -> f32 {
+    len.clamp(1, CONFIDENT_MATCH) as f32 / CONFIDENT_MATCH as f32
+}
+
+/// Match length from which a continuation counts as fully confident.
+const CONFIDENT_MATCH: usize = 8;
 
 impl DraftSource for RetrievalDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
@@ -246,14 +259,17 @@ impl DraftSource for RetrievalDrafter {
     fn propose(&mut self, seq: &[u32], budget: DraftBudget) -> Result<DraftTree, String> {
         self.sync(seq);
         let mut roots = Vec::new();
+        let mut matched = 0usize;
         if let Some((state, len)) = self.sam.longest_repeat() {
             if len as usize >= self.opts.min_match {
                 roots.push(Handle::Local { state, weight: len as f32 });
+                matched = len as usize;
             }
         }
         if let Some(ds) = &self.store {
             if let Some(r) = ds.longest_suffix(seq, self.opts.min_match, self.opts.max_match) {
                 roots.push(Handle::Store { range: r, weight: r.len as f32 });
+                matched = matched.max(r.len as usize);
             }
         }
         let mut tb = TreeBuilder::new(budget);
@@ -262,16 +278,22 @@ impl DraftSource for RetrievalDrafter {
         }
         // Best-first: the tree holds the most probable paths the budget allows.
         let mut heap = BinaryHeap::new();
-        for (tok, p, h) in self.children(&roots) {
-            heap.push(Candidate { score: p, parent: -1, token: tok, handles: h });
+        // The tree records path probabilities, except that first tokens record an estimate
+        // of their acceptance, which the host plans by: there a literal continuation counts
+        // for more after a long match (a long match predicts a long copy), while the target's
+        // own calibrated predictions count as they are. The best-first order is unchanged.
+        let conf = self.children(&roots, match_confidence(matched));
+        for (tok, p, h) in self.children(&roots, 1.0) {
+            let c = conf.iter().find(|x| x.0 == tok).map_or(p, |x| x.1);
+            heap.push(Candidate { score: p, conf: c, parent: -1, token: tok, handles: h });
         }
         while let Some(c) = heap.pop() {
             if tb.is_full() {
                 break;
             }
-            let Some(idx) = tb.add(c.parent, c.token, c.score) else { continue };
-            for (tok, p, h) in self.children(&c.handles) {
-                heap.push(Candidate { score: c.score * p, parent: idx as i32, token: tok, handles: h });
+            let Some(idx) = tb.add(c.parent, c.token, c.conf) else { continue };
+            for (tok, p, h) in self.children(&c.handles, 1.0) {
+                heap.push(Candidate { score: c.score * p, conf: c.score * p, parent: idx as i32, token: tok, handles: h });
             }
         }
         Ok(tb.build())
@@ -325,6 +347,10 @@ mod tests {
         let i7 = (0..wide.tokens.len()).find(|&i| wide.tokens[i] == 7 && wide.parents[i] == -1).expect("a root 7");
         assert!((0..wide.tokens.len()).any(|i| wide.tokens[i] == 8 && wide.parents[i] == i7 as i32), "{:?} {:?}", wide.tokens, wide.parents);
         assert!(d.calibrate(&Calibration { k: 2, positions: vec![1].into(), tokens: vec![7].into(), probs: vec![0.9].into() }).is_err());
+        // First tokens' scores: the literal 3 after a 2-token match counts a quarter
+        // (0.5 * 2/8 + 0.5 * 0.05), the model's 7 as it is (0.5 * 0.9).
+        let score = |t: u32| (0..wide.tokens.len()).find(|&i| wide.tokens[i] == t && wide.parents[i] == -1).map(|i| wide.scores[i]).unwrap();
+        assert!((score(3) - 0.15).abs() < 1e-6 && (score(7) - 0.45).abs() < 1e-6, "{:?}", wide.scores);
     }
 
     #[test]

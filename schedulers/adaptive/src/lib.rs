@@ -4,7 +4,9 @@
 //! - Each step's draft depth maximises expected tokens per ms: expected accepted tokens from
 //!   the host's per-depth acceptance estimates, over the modelled verify latency of the
 //!   tree's width plus the drafter's time. Depth 0 is a plain step; after a run of plain
-//!   steps a small probe keeps the statistics fresh.
+//!   steps a small probe keeps the statistics fresh, and each probe that does not bring the
+//!   drafts back doubles the run before the next one (up to eight times `probe_every`), so
+//!   text with nothing to copy pays for few probes.
 //! - With draft extension on, a draft of depth `d` may hold up to `free_width - 1` nodes,
 //!   where `free_width` is the widest batch costing at most `free_factor` x one token.
 //! - Static-graph backends get a progressive switching plan ([`switch`]).
@@ -43,13 +45,18 @@ pub struct Adaptive {
     /// Prefill chunks (logits for one row).
     prefill: CostModel,
     plain_streak: u32,
+    /// Plain steps before the next probe (grows while probes fail).
+    probe_gap: u32,
+    /// The last plan was a probe.
+    probed: bool,
 }
 
 impl Adaptive {
     pub fn new(options: &str) -> Result<Adaptive, String> {
         let opts: Options = serde_json::from_str(if options.trim().is_empty() { "{}" } else { options })
             .map_err(|e| format!("adaptive scheduler options: {e}"))?;
-        Ok(Adaptive { opts, verify: CostModel::default(), prefill: CostModel::default(), plain_streak: 0 })
+        let probe_gap = opts.probe_every;
+        Ok(Adaptive { opts, verify: CostModel::default(), prefill: CostModel::default(), plain_streak: 0, probe_gap, probed: false })
     }
 
     pub fn add_costs(&mut self, samples: &[CostSample]) {
@@ -108,14 +115,21 @@ impl Adaptive {
             }
         }
         let mut d = best.0;
+        let was_probe = std::mem::take(&mut self.probed);
         if d == 0 {
+            if was_probe {
+                // The probe did not make drafting pay: wait longer before the next one.
+                self.probe_gap = (self.probe_gap * 2).min(self.opts.probe_every.max(1) * 8);
+            }
             self.plain_streak += 1;
-            if self.plain_streak >= self.opts.probe_every && max_depth > 0 {
+            if self.plain_streak >= self.probe_gap && max_depth > 0 {
                 self.plain_streak = 0;
+                self.probed = true;
                 d = 2.min(max_depth);
             }
         } else {
             self.plain_streak = 0;
+            self.probe_gap = self.opts.probe_every;
         }
         StepPlan { draft_depth: d, draft_nodes: if d == 0 { 0 } else { self.nodes_for(st, d) } }
     }
@@ -199,8 +213,14 @@ mod tests {
         let mut s = Adaptive::new("").unwrap();
         s.add_costs(&costs(3.0));
         assert_eq!(s.plan(&state(0.05, false)).draft_depth, 0, "rejected drafts must lead to plain steps");
-        let probes = (0..24).filter(|_| s.plan(&state(0.05, false)).draft_depth > 0).count();
-        assert_eq!(probes, 2, "one probe per 12 plain steps");
+        // Probes 12 steps apart (the plan above was the first plain step), then 24, then 48
+        // while they keep failing.
+        let at: Vec<usize> = (1..=100).filter(|_| s.plan(&state(0.05, false)).draft_depth > 0).collect();
+        assert_eq!(at, vec![11, 35, 83], "probes back off while drafts keep failing");
+        // Drafts that pay again reset the gap.
+        assert!(s.plan(&state(0.99, false)).draft_depth > 0);
+        let next = (1..=30).find(|_| s.plan(&state(0.05, false)).draft_depth > 0);
+        assert_eq!(next, Some(12));
         let mut q = Adaptive::new("").unwrap();
         q.add_costs(&costs(1.0));
         let p = q.plan(&state(0.99, false));

@@ -2,16 +2,62 @@
 //! was reached got accepted (decayed, with a hierarchical prior), and what the drafter costs
 //! per drafted level. The scheduler turns these into each step's budget (see
 //! [`crate::scheduler`]); the verify latencies it weighs them against live in its cost model.
+//!
+//! **Draft confidence.** How far a draft is accepted depends far more on the draft than on
+//! the depth alone: on the shared prompts a prompt-lookup draft from a 4-gram match had its
+//! first token accepted 90% of the time, one from a 1-gram match 27%. So statistics are
+//! also kept per confidence class (the drafter's score of its best first token, in
+//! [`CLASSES`] buckets, plus one class for drafts that are only a reused segment), and a
+//! step planned for a known draft uses its class's estimates.
 
 use crate::scheduler::StepInput;
+
+/// Confidence buckets of drafter scores in [0, 1]: five of equal width.
+pub const CLASSES: usize = 5;
+/// The class of a draft that is only a reused segment (the drafter proposed nothing).
+pub const REUSED_CLASS: usize = CLASSES;
+
+/// The confidence class of a draft whose best first token has drafter score `score`.
+pub fn class_of(score: f32) -> usize {
+    if score.is_nan() {
+        return 0;
+    }
+    ((score.clamp(0.0, 1.0) * CLASSES as f32) as usize).min(CLASSES - 1)
+}
+
+/// Decayed accepted / offered counts per depth (index 0 = depth 1).
+#[derive(Clone, Debug)]
+struct Counts {
+    succ: Vec<f64>,
+    trials: Vec<f64>,
+}
+
+impl Counts {
+    fn new(n: usize) -> Counts {
+        Counts { succ: vec![0.0; n], trials: vec![0.0; n] }
+    }
+
+    fn record(&mut self, reached: u32, accepted: u32) {
+        for d in 1..=reached.min(self.succ.len() as u32) {
+            let i = d as usize - 1;
+            self.trials[i] = self.trials[i] * DECAY + 1.0;
+            self.succ[i] = self.succ[i] * DECAY + if d <= accepted { 1.0 } else { 0.0 };
+        }
+    }
+
+    /// `(succ + w prior) / (trials + w)` at depth index `i`.
+    fn estimate(&self, i: usize, prior: f64, w: f64) -> f64 {
+        (self.succ[i] + w * prior) / (self.trials[i] + w)
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Policy {
     max_depth: u32,
-    /// Decayed accepted / offered counts per depth (index 0 = depth 1).
-    succ: Vec<f64>,
-    trials: Vec<f64>,
-    /// Drafting time per drafted depth level, ms, smoothed.
+    all: Counts,
+    /// Per confidence class (index [`REUSED_CLASS`] = reused segments only).
+    by_class: Vec<Counts>,
+    /// Drafting time per drafted level, ms, smoothed.
     draft_ms_per_level: f64,
 }
 
@@ -21,25 +67,39 @@ const DECAY: f64 = 0.93;
 impl Policy {
     pub fn new(max_depth: u32) -> Policy {
         let max_depth = max_depth.max(1);
-        Policy { max_depth, succ: vec![0.0; max_depth as usize], trials: vec![0.0; max_depth as usize], draft_ms_per_level: 0.0 }
+        let n = max_depth as usize;
+        Policy { max_depth, all: Counts::new(n), by_class: vec![Counts::new(n); CLASSES + 1], draft_ms_per_level: 0.0 }
     }
 
-    /// Estimated probability that depth `d` (1-based) is accepted given depth `d - 1` was.
-    pub fn acceptance(&self, d: u32) -> f64 {
-        let i = (d as usize - 1).min(self.succ.len() - 1);
+    /// Estimated probability that depth `d` (1-based) is accepted given depth `d - 1` was,
+    /// over all drafts (`class` None) or over drafts of one confidence class.
+    pub fn acceptance(&self, class: Option<usize>, d: u32) -> f64 {
+        let i = (d as usize - 1).min(self.all.succ.len() - 1);
         // The prior for a depth is the estimate of the depth before it (one half for the
         // first), worth two observations: unexplored depths look as good as the last
         // explored one, so the scheduler tries them, and evidence takes over quickly.
-        let prior = if i == 0 { 0.5 } else { self.acceptance(d - 1) };
-        (self.succ[i] + 2.0 * prior) / (self.trials[i] + 2.0)
+        let prior = if i == 0 { 0.5 } else { self.acceptance(None, d - 1) };
+        let all = self.all.estimate(i, prior, 2.0);
+        match class.and_then(|c| self.by_class.get(c)) {
+            // A class's first depth starts from the all-drafts estimate, its deeper ones from
+            // its own estimate one level up; each prior is worth two observations. (Starting
+            // from the bucket's centre instead made weak classes too shy to ever be tried on
+            // prompts where they do pay.)
+            Some(c) => {
+                let prior = if i == 0 { all } else { self.acceptance(class, d - 1) };
+                c.estimate(i, prior, 2.0)
+            }
+            None => all,
+        }
     }
 
-    /// What the scheduler needs to plan the next step.
-    pub fn input(&self, context_len: usize, remaining_tokens: usize, max_width: usize, extension: bool) -> StepInput {
+    /// What the scheduler needs to plan the next step (for a draft of confidence `class`
+    /// already in hand, or None before drafting).
+    pub fn input(&self, class: Option<usize>, context_len: usize, remaining_tokens: usize, max_width: usize, extension: bool) -> StepInput {
         StepInput {
             context_len: context_len as u32,
             remaining_tokens: remaining_tokens as u32,
-            acceptance_by_depth: (1..=self.max_depth).map(|d| self.acceptance(d) as f32).collect(),
+            acceptance_by_depth: (1..=self.max_depth).map(|d| self.acceptance(class, d) as f32).collect(),
             draft_ms_per_level: self.draft_ms_per_level as f32,
             max_depth: self.max_depth,
             max_width: max_width as u32,
@@ -47,15 +107,19 @@ impl Policy {
         }
     }
 
-    /// Records a verification: the drafted tree reached `tree_depth` and `accepted` of its
-    /// levels were accepted.
-    pub fn record(&mut self, tree_depth: u32, accepted: u32) {
+    /// Records a verification: the drafted tree (of confidence `class`, if known) reached
+    /// `tree_depth` and `accepted` of its levels were accepted.
+    pub fn record(&mut self, class: Option<usize>, tree_depth: u32, accepted: u32) {
         let reached = (accepted + 1).min(tree_depth);
-        for d in 1..=reached.min(self.max_depth) {
-            let i = d as usize - 1;
-            self.trials[i] = self.trials[i] * DECAY + 1.0;
-            self.succ[i] = self.succ[i] * DECAY + if d <= accepted { 1.0 } else { 0.0 };
+        self.all.record(reached, accepted);
+        if let Some(c) = class.and_then(|c| self.by_class.get_mut(c)) {
+            c.record(reached, accepted);
         }
+    }
+
+    /// Drafting time per level, ms (smoothed).
+    pub fn draft_ms_per_level(&self) -> f64 {
+        self.draft_ms_per_level
     }
 
     /// Records the time the drafter took for a draft `levels` deep.
@@ -72,16 +136,42 @@ mod tests {
     #[test]
     fn acceptance_follows_evidence_from_a_hierarchical_prior() {
         let mut p = Policy::new(4);
-        assert_eq!(p.acceptance(1), 0.5);
+        assert_eq!(p.acceptance(None, 1), 0.5);
         for _ in 0..30 {
-            p.record(4, 1);
+            p.record(None, 4, 1);
         }
-        assert!(p.acceptance(1) > 0.9, "{}", p.acceptance(1));
-        assert!(p.acceptance(2) < 0.15, "{}", p.acceptance(2));
+        assert!(p.acceptance(None, 1) > 0.9, "{}", p.acceptance(None, 1));
+        assert!(p.acceptance(None, 2) < 0.15, "{}", p.acceptance(None, 2));
         // Depth 3 was never reached: it inherits depth 2's estimate.
-        assert!((p.acceptance(3) - p.acceptance(2)).abs() < 1e-12);
-        let s = p.input(100, 10, 16, true);
+        assert!((p.acceptance(None, 3) - p.acceptance(None, 2)).abs() < 1e-12);
+        // A class never seen follows the all-drafts estimate.
+        assert!((p.acceptance(Some(1), 1) - p.acceptance(None, 1)).abs() < 1e-12);
+        assert!((p.acceptance(Some(REUSED_CLASS), 1) - p.acceptance(None, 1)).abs() < 1e-12);
+        let s = p.input(None, 100, 10, 16, true);
         assert_eq!(s.acceptance_by_depth.len(), 4);
         assert!(s.extension);
+    }
+
+    #[test]
+    fn confidence_classes_learn_their_own_acceptance() {
+        let mut p = Policy::new(4);
+        // Confident drafts are accepted in full, weak ones rejected at once.
+        for _ in 0..20 {
+            p.record(Some(class_of(1.0)), 4, 4);
+            p.record(Some(class_of(0.25)), 4, 0);
+        }
+        let (hi, lo) = (p.acceptance(Some(class_of(1.0)), 1), p.acceptance(Some(class_of(0.25)), 1));
+        assert!(hi > 0.85 && lo < 0.2, "confident {hi}, weak {lo}");
+        // The mixture sits in between; drafts without a score use it.
+        let all = p.acceptance(None, 1);
+        assert!(lo < all && all < hi, "{all}");
+        assert!(p.input(Some(class_of(1.0)), 10, 10, 16, false).acceptance_by_depth[3] > 0.85);
+        assert_eq!(class_of(0.0), 0);
+        assert_eq!(class_of(0.25), 1);
+        assert_eq!(class_of(0.5), 2);
+        assert_eq!(class_of(0.75), 3);
+        assert_eq!(class_of(1.0), 4);
+        assert_eq!(class_of(7.0), 4);
+        assert_eq!(class_of(f32::NAN), 0);
     }
 }

@@ -13,12 +13,12 @@ use serde::Serialize;
 use coordgen_interface::CostSample;
 
 use super::emit::Emitter;
-use super::policy::Policy;
+use super::policy::{class_of, Policy, CLASSES, REUSED_CLASS};
 use super::reuse::Reuse;
 use super::stage::DraftStage;
 use super::tree::{self, Tree, HOST_NODE};
 use crate::engine::{GenerateParams, Generation, Session, Timings, DEFAULT_PREFILL_CHUNK};
-use crate::plugins::{Drafter, Feedback, Forward};
+use crate::plugins::{Draft, Drafter, Feedback, Forward};
 use crate::sampling::Sampler;
 use crate::scheduler::{Budget, Fixed, Scheduler};
 
@@ -54,6 +54,13 @@ pub struct SpecStats {
     pub calibration_stride: u32,
     /// Drafted tokens accepted from reused segments of earlier rejected drafts.
     pub reused: u64,
+    /// Per draft confidence class (the drafter's score of its best first token in five
+    /// buckets of [0, 1], then reused segments alone): verified drafts and accepted tokens.
+    pub drafts_by_confidence: Vec<u64>,
+    pub accepted_by_confidence: Vec<u64>,
+    /// Drafts looked at (one-token proposals) but not verified, because the scheduler found
+    /// a plain step better for drafts of their confidence.
+    pub unverified_drafts: u64,
     /// Set when the drafter failed and the request went on with plain decoding.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drafter_error: Option<String>,
@@ -68,10 +75,16 @@ impl SpecStats {
         self.acceptance_by_depth =
             self.offered_by_depth.iter().zip(&self.accepted_by_depth).map(|(&o, &a)| if o > 0 { a as f64 / o as f64 } else { 0.0 }).collect();
     }
-    fn record(&mut self, t: &Tree, n_accepted: usize) {
+    fn record(&mut self, t: &Tree, class: Option<usize>, n_accepted: usize) {
         self.steps += 1;
         if t.is_empty() {
             return;
+        }
+        if let Some(c) = class {
+            self.drafts_by_confidence.resize(CLASSES + 1, 0);
+            self.accepted_by_confidence.resize(CLASSES + 1, 0);
+            self.drafts_by_confidence[c] += 1;
+            self.accepted_by_confidence[c] += n_accepted as u64;
         }
         self.draft_steps += 1;
         self.drafted += t.len() as u64;
@@ -104,10 +117,27 @@ pub fn summary(s: &SpecStats) -> String {
     if s.reused > 0 {
         line.push_str(&format!(", {} reused draft tokens accepted", s.reused));
     }
+    if !s.drafts_by_confidence.is_empty() {
+        let per: Vec<String> = s.drafts_by_confidence.iter().zip(&s.accepted_by_confidence).map(|(&d, &a)| format!("{a}/{d}")).collect();
+        line.push_str(&format!("; accepted/drafts by confidence [{}], {} drafts not verified", per.join(" "), s.unverified_drafts));
+    }
     if let Some(e) = &s.drafter_error {
         line.push_str(&format!("; drafter failed: {e}"));
     }
     line
+}
+
+/// The confidence class of a step's draft `d` (with `offer`, a reused segment, beside it):
+/// from the best score among its first tokens; [`REUSED_CLASS`] when only the segment is
+/// there; None when there is nothing to draft, or the drafter gives no scores.
+fn draft_class(d: &Draft, offer: &[u32]) -> Option<usize> {
+    if d.tokens.is_empty() {
+        return (!offer.is_empty()).then_some(REUSED_CLASS);
+    }
+    if d.scores.len() != d.tokens.len() {
+        return None;
+    }
+    d.parents.iter().zip(&d.scores).filter(|(&p, _)| p < 0).map(|(_, &s)| s).reduce(f32::max).map(class_of)
 }
 
 impl Session {
@@ -183,6 +213,7 @@ impl Session {
         // prompt and the drafter); the scheduler's cost model carries over.
         let mut policy = Policy::new(p.max_draft_depth);
         let mut reuse = Reuse::default();
+        let mut last_verify_ms: Option<f64> = None;
         let max_width = p.max_draft_width.max(2);
         let r = (|| -> Result<()> {
             let _s = tracing::info_span!("decode").entered();
@@ -206,40 +237,60 @@ impl Session {
                 }
                 // Room for draft nodes behind the pending token.
                 let room = (self.n_ctx - base - 2) as u32;
-                let budget = match (&stage, p.draft_budget) {
-                    (None, _) => Budget { depth: 0, nodes: 0 },
-                    (Some(_), Some((nodes, depth))) => Budget { depth, nodes },
-                    (Some(_), None) => {
-                        let remaining = p.max_tokens.saturating_sub(em.tokens.len());
-                        sched.plan_step(&policy.input(base + 1, remaining, max_width, p.techniques.extension)).unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "scheduler failed; plain step");
-                            Budget { depth: 0, nodes: 0 }
-                        })
-                    }
+                let remaining = p.max_tokens.saturating_sub(em.tokens.len());
+                let ext = p.techniques.extension;
+                let mut plan = |class: Option<usize>, policy: &Policy| match p.draft_budget {
+                    Some((nodes, depth)) => Budget { depth, nodes },
+                    None => sched.plan_step(&policy.input(class, base + 1, remaining, max_width, ext)).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "scheduler failed; plain step");
+                        Budget { depth: 0, nodes: 0 }
+                    }),
                 };
                 let mut tree = Tree::default();
-                if budget.depth > 0 && room > 0 {
-                    let s = stage.as_mut().expect("stage");
+                let mut class = None;
+                if let (Some(s), true) = (stage.as_mut(), room > 0) {
                     let mut seq = Vec::with_capacity(base + 1);
                     seq.extend_from_slice(&self.cached);
                     seq.push(pending);
-                    let nodes = budget.nodes.max(1).min(room);
                     // A reused segment fills the nodes the drafter leaves unused (it never
                     // displaces the drafter's own, usually better, proposal).
-                    let offer = if p.techniques.reuse { reuse.offer() } else { &[] };
-                    let checked = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string()).and_then(|(d, ms)| {
-                        stats.draft_ms += ms;
-                        let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
-                        policy.record_draft(t.max_depth().max(1), ms);
-                        Ok(t)
-                    });
-                    match checked {
-                        Ok(mut t) => {
-                            if !offer.is_empty() {
-                                t.add_branch(offer, nodes as usize, budget.depth);
+                    let offer: &[u32] = if p.techniques.reuse { reuse.offer() } else { &[] };
+                    let drafted = (|| -> Result<Tree, String> {
+                        // When drafting costs next to nothing, a one-token proposal first
+                        // tells the draft's confidence, and the step is planned for it.
+                        let cheap =
+                            p.draft_budget.is_none() && last_verify_ms.is_some_and(|v| policy.draft_ms_per_level() * p.max_draft_depth as f64 <= 0.05 * v);
+                        if cheap {
+                            let (d, ms) = s.propose(&seq, 1, 1).map_err(|e| e.to_string())?;
+                            stats.draft_ms += ms;
+                            if d.tokens.is_empty() && offer.is_empty() {
+                                return Ok(Tree::default());
                             }
-                            tree = t
+                            class = draft_class(&d, offer);
                         }
+                        let budget = plan(class, &policy);
+                        if budget.depth == 0 {
+                            stats.unverified_drafts += cheap as u64;
+                            return Ok(Tree::default());
+                        }
+                        let nodes = budget.nodes.max(1).min(room);
+                        let mut t = if class == Some(REUSED_CLASS) {
+                            Tree::default()
+                        } else {
+                            let (d, ms) = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string())?;
+                            stats.draft_ms += ms;
+                            let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
+                            policy.record_draft(t.max_depth().max(1), ms);
+                            class = class.or(draft_class(&d, offer));
+                            t
+                        };
+                        if !offer.is_empty() {
+                            t.add_branch(offer, nodes as usize, budget.depth);
+                        }
+                        Ok(t)
+                    })();
+                    match drafted {
+                        Ok(t) => tree = t,
                         Err(e) => {
                             // A failing drafter never costs a wrong token: finish plainly.
                             tracing::warn!(drafter = %stats.drafter, error = %e, "drafter failed; continuing with plain decoding");
@@ -262,6 +313,7 @@ impl Session {
                 let verify_us = tv.elapsed().as_micros() as u64;
                 let verify_ms = verify_us as f64 / 1e3;
                 stats.verify_ms += verify_ms;
+                last_verify_ms = Some(verify_ms);
                 if let Err(e) = sched.observe_step(CostSample { width: w as u32, context: base as u32, rows: w as u32, micros: verify_us }) {
                     tracing::warn!(error = %e, "scheduler could not record a step");
                 }
@@ -279,8 +331,8 @@ impl Session {
                 self.cached.extend_from_slice(&new_tokens);
                 new_tokens.push(v.next);
                 stats.accept_ms += ta.elapsed().as_secs_f64() * 1e3;
-                stats.record(&tree, v.accepted.len());
-                policy.record(tree_depth, v.accepted.len() as u32);
+                stats.record(&tree, class, v.accepted.len());
+                policy.record(class, tree_depth, v.accepted.len() as u32);
                 if p.techniques.reuse && stage.is_some() {
                     reuse.after_step(&tree, &logits, nv, &v, &new_tokens, p.max_draft_depth as usize);
                 }
