@@ -99,6 +99,15 @@ enum Handle {
     Store { range: Range, weight: f32 },
 }
 
+/// A child of a tree node: its probability `p`, of which `literal` comes from literal
+/// continuations (the rest from calibrated predictions), and where it stands in each source.
+struct Child {
+    token: u32,
+    p: f32,
+    literal: f32,
+    handles: Vec<Handle>,
+}
+
 struct Candidate {
     /// Path probability: the best-first order.
     score: f32,
@@ -145,10 +154,9 @@ impl RetrievalDrafter {
         self.sam.extend(seq);
     }
 
-    /// Children of a node: (token, probability, handles), merged across sources, with the
-    /// literal continuations' share scaled by `literal_confidence` (see [`match_confidence`]).
-    fn children(&self, handles: &[Handle], literal_confidence: f32) -> Vec<(u32, f32, Vec<Handle>)> {
-        let mut out: Vec<(u32, f32, Vec<Handle>)> = Vec::new();
+    /// Children of a node, merged across sources.
+    fn children(&self, handles: &[Handle]) -> Vec<Child> {
+        let mut out: Vec<Child> = Vec::new();
         let total_w: f32 = handles
             .iter()
             .map(|h| match h {
@@ -159,14 +167,16 @@ impl RetrievalDrafter {
         if total_w <= 0.0 {
             return out;
         }
-        let mut add = |tok: u32, p: f32, h: Handle| match out.iter_mut().find(|x| x.0 == tok) {
+        // `literal`: whether `p` comes from a literal continuation (not a calibrated prediction).
+        let mut add = |tok: u32, p: f32, literal: bool, h: Handle| match out.iter_mut().find(|x| x.token == tok) {
             // The document separator is not a token: a match ending a document has no child.
             _ if tok == SEP => {}
             Some(x) => {
-                x.1 += p;
-                x.2.push(h);
+                x.p += p;
+                x.literal += if literal { p } else { 0.0 };
+                x.handles.push(h);
             }
-            None => out.push((tok, p, vec![h])),
+            None => out.push(Child { token: tok, p, literal: if literal { p } else { 0.0 }, handles: vec![h] }),
         };
         for &h in handles {
             match h {
@@ -174,9 +184,9 @@ impl RetrievalDrafter {
                     let kids: Vec<(u32, u32, u32)> = self.sam.children(state).collect();
                     let n: u32 = kids.iter().map(|k| k.2).sum();
                     let pred = self.sam.latest_followed_end(state).and_then(|e| self.preds.get(&e));
-                    let lit_w = literal_confidence * if pred.is_some() { 1.0 - self.opts.calibration_weight } else { 1.0 };
+                    let lit_w = if pred.is_some() { 1.0 - self.opts.calibration_weight } else { 1.0 };
                     for (tok, next, c) in kids {
-                        add(tok, weight / total_w * lit_w * c as f32 / n.max(1) as f32, Handle::Local { state: next, weight });
+                        add(tok, weight / total_w * lit_w * c as f32 / n.max(1) as f32, true, Handle::Local { state: next, weight });
                     }
                     if let Some((toks, probs)) = pred {
                         for (&tok, &p) in toks.iter().zip(probs) {
@@ -184,7 +194,7 @@ impl RetrievalDrafter {
                                 Some(next) => Handle::Local { state: next, weight },
                                 None => Handle::Dead,
                             };
-                            add(tok, weight / total_w * self.opts.calibration_weight * p, h);
+                            add(tok, weight / total_w * self.opts.calibration_weight * p, false, h);
                         }
                     }
                 }
@@ -193,7 +203,7 @@ impl RetrievalDrafter {
                     if let Some(ds) = &self.store {
                         let n = (range.hi - range.lo) as f32;
                         for (tok, r) in ds.children(range) {
-                            add(tok, literal_confidence * weight / total_w * (r.hi - r.lo) as f32 / n, Handle::Store { range: r, weight });
+                            add(tok, weight / total_w * (r.hi - r.lo) as f32 / n, true, Handle::Store { range: r, weight });
                         }
                     }
                 }
@@ -282,18 +292,18 @@ impl DraftSource for RetrievalDrafter {
         // of their acceptance, which the host plans by: there a literal continuation counts
         // for more after a long match (a long match predicts a long copy), while the target's
         // own calibrated predictions count as they are. The best-first order is unchanged.
-        let conf = self.children(&roots, match_confidence(matched));
-        for (tok, p, h) in self.children(&roots, 1.0) {
-            let c = conf.iter().find(|x| x.0 == tok).map_or(p, |x| x.1);
-            heap.push(Candidate { score: p, conf: c, parent: -1, token: tok, handles: h });
+        let literal_confidence = match_confidence(matched);
+        for c in self.children(&roots) {
+            let conf = c.p - c.literal + c.literal * literal_confidence;
+            heap.push(Candidate { score: c.p, conf, parent: -1, token: c.token, handles: c.handles });
         }
         while let Some(c) = heap.pop() {
             if tb.is_full() {
                 break;
             }
             let Some(idx) = tb.add(c.parent, c.token, c.conf) else { continue };
-            for (tok, p, h) in self.children(&c.handles, 1.0) {
-                heap.push(Candidate { score: c.score * p, conf: c.score * p, parent: idx as i32, token: tok, handles: h });
+            for k in self.children(&c.handles) {
+                heap.push(Candidate { score: c.score * k.p, conf: c.score * k.p, parent: idx as i32, token: k.token, handles: k.handles });
             }
         }
         Ok(tb.build())

