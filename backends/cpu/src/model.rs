@@ -1,6 +1,6 @@
 //! A loaded model: hyper-parameters plus borrowed views of every weight in the memory-mapped
 //! file (small norm and bias vectors are dequantized to f32 at load). Where the CPU runs the
-//! fused packed kernels, Q4_K and Q6_K projection matrices are repacked at load into a copy
+//! fused packed kernels, quantized projection matrices (all but Q5_K) are repacked at load into a copy
 //! of the same size (see [`crate::repack`]); the copies are reported as extra memory.
 
 use coordgen_model::quant::GgmlType;

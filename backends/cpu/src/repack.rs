@@ -1,4 +1,5 @@
-//! Load-time repacking of Q4_K and Q6_K rows into the kernels' tile order.
+//! Load-time repacking of quantized rows (Q4_K, Q6_K and the 32-weight block types) into the
+//! kernels' tile order.
 //!
 //! The integer kernels want each 256-weight tile as four 64-byte vectors in the interleaved
 //! order of [`crate::qgemm`] (lane `g` of a VNNI sum = group `g`). Unpacking a file row into
@@ -18,6 +19,19 @@
 //!
 //! Expanding a packed tile is a few masks and shifts with no cross-lane moves, so the fused
 //! kernels expand weights in registers. [`unpack_row`] is the scalar oracle of that expansion.
+//!
+//! The 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are packed per tile of up to eight
+//! blocks (the last tile of a row whose length is not a multiple of 256 holds fewer, `nb`);
+//! each tile takes exactly its blocks' bytes in the file, at the same offset. With
+//! `w = 8 nb` bytes of each interleaved vector in use (groups `0..2 nb`), a tile is:
+//! - Q8_0: the four vectors' first `w` bytes, signed as in the file (`4 w`), then the `nb` d's;
+//! - Q4_x/Q5_x: nibbles as above on `w`-byte halves (`2 w`: byte `j` of the first holds vector
+//!   0 byte `j` low and vector 1 high, of the second vectors 2 and 3), for Q5_x the fifth bits
+//!   as four `nb`-byte bit fields (bit `j` of field `v` = vector `v` byte `j`), then the `nb`
+//!   d's and, for Q4_1/Q5_1, the `nb` m's.
+//!
+//! A packed 32-block tile expands with masked loads, a mask-add of the fifth bits and a lane
+//! permute of the d's; no transpose.
 
 use coordgen_model::quant::{k_scale_min, GgmlType};
 
@@ -26,7 +40,37 @@ use crate::simd::Isa;
 
 /// Whether rows of `ty` are repacked at load.
 pub fn supported(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4K | GgmlType::Q6K)
+    matches!(ty, GgmlType::Q4K | GgmlType::Q6K) || small_block(ty)
+}
+
+/// Whether `ty` is a 32-weight block type, packed per tile of up to eight blocks.
+pub fn small_block(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+}
+
+/// Where the parts of a packed 32-block tile of `nb` blocks start (see the module header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SmallTile {
+    /// Blocks in the tile (1..=8); `8 nb` bytes of each interleaved vector are in use.
+    pub nb: usize,
+    /// The fifth-bit fields (Q5_0/Q5_1 only).
+    pub hbits: usize,
+    /// The `nb` f16 d's.
+    pub d: usize,
+    /// The `nb` f16 m's (Q4_1/Q5_1 only).
+    pub m: usize,
+}
+
+impl SmallTile {
+    /// Layout of tile `tile` of a row of `cols` weights of `ty`, and the tile's byte offset.
+    #[inline(always)]
+    pub fn of(ty: GgmlType, cols: usize, tile: usize) -> (SmallTile, usize) {
+        let nb = (cols / 32 - tile * 8).min(8);
+        let quants = if ty == GgmlType::Q8_0 { 32 * nb } else { 16 * nb };
+        let five = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+        let d = quants + if five { 4 * nb } else { 0 };
+        (SmallTile { nb, hbits: quants, d, m: d + 2 * nb }, tile * 8 * ty.block_bytes())
+    }
 }
 
 /// Repacks a whole matrix of `rows` rows of `cols` weights (the file's bytes) into a new
@@ -55,6 +99,9 @@ pub fn repack_matrix(isa: Isa, ty: GgmlType, src: &[u8], rows: usize, cols: usiz
 
 /// Writes one row in the packed layout from its file bytes and its unpacked form.
 fn pack_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
+    if small_block(ty) {
+        return pack_small_row(ty, src, row, dst);
+    }
     let bb = ty.block_bytes();
     for b in 0..row.k / 256 {
         let q = &row.q[b * TILE..(b + 1) * TILE];
@@ -88,9 +135,50 @@ fn pack_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
     }
 }
 
+/// Packs a row of a 32-weight block type, tile by tile (the unpacked `q` is already in the
+/// interleaved order; Q8_0's are stored back as signed bytes).
+fn pack_small_row(ty: GgmlType, src: &[u8], row: &URow, dst: &mut [u8]) {
+    let bb = ty.block_bytes();
+    for tile in 0..row.k.div_ceil(TILE) {
+        let (l, at) = SmallTile::of(ty, row.k, tile);
+        let (q, d) = (&row.q[tile * TILE..(tile + 1) * TILE], &mut dst[at..at + l.nb * bb]);
+        let w = 8 * l.nb;
+        if ty == GgmlType::Q8_0 {
+            for v in 0..4 {
+                for j in 0..w {
+                    d[v * w + j] = q[v * 64 + j] ^ 0x80;
+                }
+            }
+        } else {
+            for j in 0..w {
+                d[j] = q[j] & 15 | (q[64 + j] & 15) << 4;
+                d[w + j] = q[128 + j] & 15 | (q[192 + j] & 15) << 4;
+            }
+            if matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1) {
+                d[l.hbits..l.hbits + 4 * l.nb].fill(0);
+                for v in 0..4 {
+                    for j in 0..w {
+                        d[l.hbits + v * l.nb + j / 8] |= (q[v * 64 + j] >> 4) << (j % 8);
+                    }
+                }
+            }
+        }
+        for b in 0..l.nb {
+            let blk = &src[at + b * bb..];
+            d[l.d + 2 * b..l.d + 2 * b + 2].copy_from_slice(&blk[..2]);
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                d[l.m + 2 * b..l.m + 2 * b + 2].copy_from_slice(&blk[2..4]);
+            }
+        }
+    }
+}
+
 /// Scalar oracle: expands a packed row into the common unpacked form (byte for byte what
 /// [`qgemm::unpack_row`] gives for the file's row).
 pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
+    if small_block(ty) {
+        return unpack_small_row(ty, src, row);
+    }
     let bb = ty.block_bytes();
     for b in 0..row.k / 256 {
         let blk = &src[b * bb..(b + 1) * bb];
@@ -127,17 +215,82 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
     }
 }
 
+/// [`unpack_row`] for the 32-weight block types.
+fn unpack_small_row(ty: GgmlType, src: &[u8], row: &mut URow) {
+    for tile in 0..row.k.div_ceil(TILE) {
+        let (l, at) = SmallTile::of(ty, row.k, tile);
+        let (d, q) = (&src[at..], &mut row.q[tile * TILE..(tile + 1) * TILE]);
+        let w = 8 * l.nb;
+        for v in 0..4 {
+            for j in 0..w {
+                q[v * 64 + j] = match ty {
+                    GgmlType::Q8_0 => d[v * w + j] ^ 0x80,
+                    _ => (d[(v / 2) * w + j] >> (4 * (v % 2))) & 15,
+                };
+                if matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1) {
+                    q[v * 64 + j] |= ((d[l.hbits + v * l.nb + j / 8] >> (j % 8)) & 1) << 4;
+                }
+            }
+        }
+        for b in 0..l.nb {
+            let dd = qgemm::h(d, l.d + 2 * b);
+            let bias = match ty {
+                GgmlType::Q4_0 => -8.0 * dd,
+                GgmlType::Q5_0 => -16.0 * dd,
+                GgmlType::Q8_0 => -128.0 * dd,
+                _ => qgemm::h(d, l.m + 2 * b),
+            };
+            let g = tile * 16 + 2 * b;
+            row.scale16[g..g + 2].fill(dd);
+            row.bias16[g..g + 2].fill(bias);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::qgemm::{ActBits, QActs};
     use coordgen_model::quant::quantize_row;
 
+    const PACKED: [GgmlType; 7] = [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+
+    /// Row lengths to test: whole tiles, and for the 32-weight block types partial last tiles
+    /// of every block count that the models use or that could go wrong (1, 3 and 4 blocks).
+    fn widths(ty: GgmlType) -> Vec<usize> {
+        if small_block(ty) {
+            vec![32, 96, 512, 896, 1536 + 32]
+        } else {
+            vec![256, 1536]
+        }
+    }
+
+    #[test]
+    fn every_packed_type_is_supported_and_keeps_its_size() {
+        for ty in PACKED {
+            assert!(supported(ty), "{}", ty.name());
+        }
+        for ty in PACKED.into_iter().filter(|&t| small_block(t)) {
+            for cols in [32usize, 96, 896] {
+                let tiles = cols.div_ceil(TILE);
+                let (last, at) = SmallTile::of(ty, cols, tiles - 1);
+                let end = at + last.nb * ty.block_bytes();
+                assert_eq!(end, ty.row_bytes(cols), "{} cols {cols}", ty.name());
+                let parts_end = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) { last.m } else { last.d } + 2 * last.nb;
+                assert_eq!(parts_end, last.nb * ty.block_bytes(), "{} cols {cols}: parts fill the tile", ty.name());
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     /// Packed rows expand (scalar and SIMD) to exactly the file rows' unpacked form.
     #[test]
     fn packed_rows_expand_to_the_file_rows_unpacked_form() {
-        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
-            for k in [256usize, 1536] {
+        for ty in PACKED {
+            for k in widths(ty) {
                 let rows = 3;
                 let w = crate::testdata::signal(rows * k, 9);
                 let src: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
@@ -149,13 +302,14 @@ mod tests {
                     qgemm::unpack_row(ty, &src[r * rb..(r + 1) * rb], &mut want);
                     unpack_row(ty, &packed[r * rb..(r + 1) * rb], &mut got);
                     assert_eq!(want.q, got.q, "{} row {r}", ty.name());
-                    assert_eq!(want.scale16, got.scale16, "{} row {r}", ty.name());
-                    assert_eq!(want.bias16, got.bias16, "{} row {r}", ty.name());
+                    // Bits, not values: a -0 bias in the padding would be a different float.
+                    assert_eq!(bits(&want.scale16), bits(&got.scale16), "{} row {r}", ty.name());
+                    assert_eq!(bits(&want.bias16), bits(&got.bias16), "{} row {r}", ty.name());
                     let mut simd = URow::new(k);
                     qgemm::unpack_packed_isa(crate::simd::detect(), ty, &packed[r * rb..(r + 1) * rb], &mut simd);
                     assert_eq!(want.q, simd.q, "{} row {r} (SIMD)", ty.name());
-                    assert_eq!(want.scale16, simd.scale16, "{} row {r} (SIMD)", ty.name());
-                    assert_eq!(want.bias16, simd.bias16, "{} row {r} (SIMD)", ty.name());
+                    assert_eq!(bits(&want.scale16), bits(&simd.scale16), "{} row {r} (SIMD)", ty.name());
+                    assert_eq!(bits(&want.bias16), bits(&simd.bias16), "{} row {r} (SIMD)", ty.name());
                 }
             }
         }
@@ -167,9 +321,9 @@ mod tests {
     #[test]
     fn fused_packed_dots_equal_the_scalar_oracle() {
         let isa = crate::simd::detect();
-        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for (ty, k) in PACKED.into_iter().flat_map(|ty| widths(ty).into_iter().map(move |k| (ty, k))) {
             for bits in [ActBits::Fifteen, ActBits::Eight] {
-                let (k, n) = (512usize, 9usize);
+                let n = 9usize;
                 let w = crate::testdata::signal(3 * k, 4);
                 let src: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
                 let packed = repack_matrix(isa, ty, &src, 3, k, 1);
@@ -231,7 +385,10 @@ mod timing {
         let isa = crate::simd::detect();
         let rows: usize = std::env::var("ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(8960);
         let k: usize = std::env::var("K").ok().and_then(|v| v.parse().ok()).unwrap_or(1536);
-        for ty in [GgmlType::Q4K, GgmlType::Q6K] {
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q5_0, GgmlType::Q8_0] {
+            if k % ty.block_size() != 0 {
+                continue;
+            }
             let w = crate::testdata::signal(k * 64, 5);
             let src: Vec<u8> = (0..rows).flat_map(|r| quantize_row(ty, &w[(r % 64) * k..(r % 64 + 1) * k])).collect();
             let packed = repack_matrix(isa, ty, &src, rows, k, 1);

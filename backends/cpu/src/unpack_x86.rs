@@ -1,7 +1,8 @@
 //! SIMD twins of `qgemm::unpack_row` for x86_64 with AVX-512 (F, BW, VL): each block is
 //! expanded to natural-order bytes, every 256 weights are transposed into the interleaved
 //! tile layout, and scales are decoded with vector code. Output is byte-for-byte the scalar
-//! unpacker's (tested in `qgemm`).
+//! unpacker's (tested in `qgemm`). Also the in-register expansion of packed 32-weight block
+//! tiles ([`small_packed_tile`]) that the fused kernels use.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -9,6 +10,7 @@ use std::sync::OnceLock;
 use coordgen_model::quant::GgmlType;
 
 use crate::qgemm::{URow, TILE};
+use crate::repack::SmallTile;
 
 fn has_avx512() -> bool {
     static A: OnceLock<bool> = OnceLock::new();
@@ -171,6 +173,66 @@ pub(crate) unsafe fn q6k_scales(blk: *const u8) -> (__m512, __m512) {
     let d = _mm512_set1_ps(f16_at(blk.add(208)));
     let s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(192) as *const __m128i))), d);
     (s, _mm512_mul_ps(s, _mm512_set1_ps(-32.0)))
+}
+
+/// `nb` f16 values at `p` (one per 32-weight block) as 16 group lanes, each value in the two
+/// lanes of its block; lanes past `2 nb` are +0 (as the unpacked form's padding).
+///
+/// # Safety
+/// Call only from functions with AVX-512 F and F16C enabled; `p` must hold `2 nb` bytes.
+#[inline(always)]
+unsafe fn block_halves(p: *const u8, nb: usize) -> __m512 {
+    let raw = _mm512_castsi512_si128(_mm512_maskz_loadu_epi8((1u64 << (2 * nb)) - 1, p as *const i8));
+    let pairs = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(_mm256_cvtph_ps(raw)))
+}
+
+/// Tile `tile` of a packed row of a 32-weight block type (layout in [`crate::repack`]),
+/// expanded in registers: the four interleaved weight vectors and the 16 group scales and
+/// biases, all zero past the row's blocks, bitwise what the unpacked form holds.
+///
+/// # Safety
+/// Call only from functions with AVX-512 F/BW and F16C enabled; `row` must hold a packed row
+/// of `cols` weights of `ty` (a 32-block type).
+#[inline(always)]
+pub(crate) unsafe fn small_packed_tile(ty: GgmlType, row: *const u8, cols: usize, tile: usize) -> ([__m512i; 4], __m512, __m512) {
+    let (l, at) = SmallTile::of(ty, cols, tile);
+    let p = row.add(at);
+    let w = 8 * l.nb;
+    // Masked loads (no faults past the mask): a partial tile reads only its own bytes and
+    // leaves the rest zero, without a branch or a copy for the last tile.
+    let bytes: __mmask64 = if l.nb == 8 { !0 } else { (1u64 << w) - 1 };
+    let mut q = [_mm512_setzero_si512(); 4];
+    if ty == GgmlType::Q8_0 {
+        for (v, qv) in q.iter_mut().enumerate() {
+            // Signed file bytes + 128 (mod 256) = the unpacked unsigned form.
+            *qv = _mm512_maskz_add_epi8(bytes, _mm512_maskz_loadu_epi8(bytes, p.add(v * w) as *const i8), _mm512_set1_epi8(-128));
+        }
+    } else {
+        let m = _mm512_set1_epi8(0x0F);
+        for h in 0..2 {
+            let n = _mm512_maskz_loadu_epi8(bytes, p.add(h * w) as *const i8);
+            q[2 * h] = _mm512_and_si512(n, m);
+            q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(n, 4), m);
+        }
+        if matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1) {
+            for (v, qv) in q.iter_mut().enumerate() {
+                let hb = p.add(l.hbits + v * l.nb);
+                let bits = _mm_cvtsi128_si64(_mm512_castsi512_si128(_mm512_maskz_loadu_epi8((1u64 << l.nb) - 1, hb as *const i8))) as u64;
+                *qv = _mm512_mask_add_epi8(*qv, bits, *qv, _mm512_set1_epi8(16));
+            }
+        }
+    }
+    let d = block_halves(p.add(l.d), l.nb);
+    // Padding lanes keep +0 biases (a multiply of +0 by a negative constant would give -0).
+    let lanes: __mmask16 = ((1u32 << (2 * l.nb)) - 1) as u16;
+    let bias = match ty {
+        GgmlType::Q4_0 => _mm512_maskz_mul_ps(lanes, d, _mm512_set1_ps(-8.0)),
+        GgmlType::Q5_0 => _mm512_maskz_mul_ps(lanes, d, _mm512_set1_ps(-16.0)),
+        GgmlType::Q8_0 => _mm512_maskz_mul_ps(lanes, d, _mm512_set1_ps(-128.0)),
+        _ => block_halves(p.add(l.m), l.nb),
+    };
+    (q, d, bias)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
