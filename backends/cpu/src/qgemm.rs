@@ -736,10 +736,14 @@ pub mod x86 {
         #[inline(always)]
         unsafe fn tile(self, tile: usize) -> ([__m512i; 4], __m512, __m512) {
             let m = _mm512_set1_epi8(0x0F);
+            // Every format stores tile `t` at `t` times its tile bytes (the 32-weight block
+            // types' partial last tile included).
+            let ty = fmt_type(F);
+            let tile_bytes = TILE / ty.block_size() * ty.block_bytes();
+            let blk = self.ptr.add(tile * tile_bytes);
+            self.prefetch(blk, tile_bytes.div_ceil(64));
             match F {
                 fmt::Q6K => {
-                    let blk = self.ptr.add(tile * 210);
-                    self.prefetch(blk, 4);
                     let n0 = _mm512_loadu_si512(blk as *const _);
                     let n1 = _mm512_loadu_si512(blk.add(64) as *const _);
                     let h = _mm512_loadu_si512(blk.add(128) as *const _);
@@ -758,8 +762,6 @@ pub mod x86 {
                     (w, s, b)
                 }
                 fmt::Q4K => {
-                    let blk = self.ptr.add(tile * 144);
-                    self.prefetch(blk, 3);
                     let n0 = _mm512_loadu_si512(blk.add(16) as *const _);
                     let n1 = _mm512_loadu_si512(blk.add(80) as *const _);
                     let w = [
@@ -771,11 +773,7 @@ pub mod x86 {
                     let (s, b) = crate::unpack_x86::k4_packed_scales(blk);
                     (w, s, b)
                 }
-                _ => {
-                    let bytes = 8 * fmt_type(F).block_bytes();
-                    self.prefetch(self.ptr.add(tile * bytes), bytes.div_ceil(64));
-                    crate::unpack_x86::small_packed_tile(fmt_type(F), self.ptr, self.cols, tile)
-                }
+                _ => crate::unpack_x86::small_packed_tile(ty, self.ptr, self.cols, tile),
             }
         }
         fn kp(self) -> usize {
@@ -786,8 +784,8 @@ pub mod x86 {
     /// Expands a packed row into the unpacked form (the stores of the fused kernels' loads).
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F/BW/VNNI and F16C; `src` must hold `row.q.len() / 256`
-    /// packed blocks.
+    /// The CPU must support AVX-512 F/BW/VNNI and F16C; `src` must hold a packed row of `ty`
+    /// of `row.k` weights.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn unpack_packed(ty: GgmlType, src: &[u8], row: &mut URow) {
         by_format!(ty, F => unpack_packed_as(Packed::<F>::new(src.as_ptr(), row.k, 0), row))
@@ -830,8 +828,8 @@ pub mod x86 {
     /// As [`dot_tokens_vnni2`] straight from two packed rows (no unpacked copy).
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F/BW/VNNI; the rows must hold `acts.kp / 256` packed
-    /// blocks each, and the outputs `t1 - t0` floats.
+    /// The CPU must support AVX-512 F/BW/VNNI; each row must be a packed row of `acts.k`
+    /// weights, and each output hold `t1 - t0` floats.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn dot_packed_vnni<const R: usize, const F: u8>(rows: [Packed<F>; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         tokens_vnni::<R, Packed<F>>(rows, acts, t0, t1, out);
@@ -843,7 +841,7 @@ pub mod x86 {
     ///
     /// # Safety
     /// The CPU must support AVX-512 F/BW/VNNI; `base` must hold `r1 * rb` bytes of packed
-    /// rows of `acts.kp / 256` blocks, and `out` `(r1 - r0) * acts.n` floats.
+    /// rows of `acts.k` weights of `ty`, and `out` `(r1 - r0) * acts.n` floats.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn packed_rows_vnni(ty: GgmlType, base: *const u8, rb: usize, r0: usize, r1: usize, acts: &QActs, out: *mut f32) {
         by_format!(ty, F => packed_rows_as::<F>(base, rb, r0, r1, acts, out))
