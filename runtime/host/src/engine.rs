@@ -14,6 +14,7 @@ use coordgen_interface::CostSample;
 
 use crate::plugins::{Backend, Drafter, Forward, ModelInfo, Predictions};
 use crate::scheduler::Scheduler;
+use crate::spec::policy::Policy;
 use crate::spec::SpecStats;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tok;
@@ -39,6 +40,9 @@ pub struct Session {
     /// The target's predictions at cached prompt positions (kept with the KV cache).
     pub predictions: Predictions,
     pub model_path: PathBuf,
+    /// The acceptance statistics the last request ended with, and its drafter's name: the
+    /// next request with that drafter starts from them (see [`Policy::carried`]).
+    pub carried_policy: Option<(String, Policy)>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -225,6 +229,7 @@ impl Session {
             scheduler: None,
             costs: Vec::new(),
             predictions: Predictions::default(),
+            carried_policy: None,
             model_path: model_path.to_path_buf(),
         })
     }

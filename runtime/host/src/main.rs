@@ -499,8 +499,8 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     let json = a.json;
     let results = workload::run(&mut s, &prompts, &mut modes, a.max_tokens, &mut |r| {
         let line = format!(
-            "{:<45} {:<14} {:<16} {:>7.2} tok/s  x{:<5.2} accepted/step {:>5.2}  identical {}{}",
-            r.id, r.category, r.mode, r.decode_tps, r.speedup, r.mean_accepted, r.identical_to_plain,
+            "{:<45} {:<14} {:<16} {:>7.2} tok/s  x{:<5.2} (plain runs {:>3.0}% apart) accepted/step {:>5.2}  identical {}{}",
+            r.id, r.category, r.mode, r.decode_tps, r.speedup, r.plain_spread * 100.0, r.mean_accepted, r.identical_to_plain,
             r.drafter_error.as_deref().map(|e| format!("  drafter error: {e}")).unwrap_or_default()
         );
         if json { eprintln!("{line}") } else { println!("{line}") }

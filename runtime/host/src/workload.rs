@@ -15,6 +15,7 @@ use crate::config::PluginsConfig;
 use crate::engine::{GenerateParams, Session, Techniques};
 use crate::plugins::{self, Drafter};
 use crate::scheduler::{load_scheduler, Scheduler};
+use crate::spec::policy::Policy;
 
 /// Categories whose prompts carry the context the output draws on.
 pub const CONTEXT_HEAVY: [&str; 4] = ["summarization", "rag", "code_edit", "extraction"];
@@ -62,6 +63,10 @@ pub struct ModeResult {
     /// Tokens produced per verification step (accepted drafts + the target's own).
     pub tokens_per_step: f64,
     pub identical_to_plain: bool,
+    /// How far the prompt's two plain runs (first and last) differ in decode speed,
+    /// relative to their mean: the machine's noise on this prompt, against which a speedup
+    /// near 1 should be read (short answers take a second or less, and swing most).
+    pub plain_spread: f64,
     /// The target's prefill of the prompt (measured once per prompt) plus the drafter's own
     /// pass over it (the draft model's prefill; next to nothing for the model-free ones).
     pub prefill_ms: f64,
@@ -93,6 +98,9 @@ pub struct Mode {
     pub drafter: Option<Box<dyn Drafter>>,
     pub scheduler: Option<Box<dyn Scheduler>>,
     pub techniques: Techniques,
+    /// The acceptance statistics this mode's requests carry from one to the next (modes
+    /// sharing a drafter must not learn from each other's runs of the same prompt).
+    pub carried_policy: Option<(String, Policy)>,
 }
 
 /// Modes `plain`, a drafter name, or drafters joined by `+`, each with the configuration's
@@ -113,7 +121,7 @@ pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques
 fn mode(cfg: &PluginsConfig, s: &Session, name: &str, drafter: Option<Box<dyn Drafter>>, sched: &str, techniques: Techniques) -> Result<Mode> {
     let mut sc = load_scheduler(cfg, sched)?;
     sc.observe_costs(&s.costs)?;
-    Ok(Mode { name: name.into(), drafter, scheduler: Some(sc), techniques })
+    Ok(Mode { name: name.into(), drafter, scheduler: Some(sc), techniques, carried_policy: None })
 }
 
 /// The ablation of `coordgen bench --ablation`: plain; prompt lookup alone (`pld`, the n-gram
@@ -176,6 +184,7 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
             let m = &mut modes[mi];
             s.set_drafter(m.drafter.take()).with_context(|| format!("mode {}", m.name))?;
             s.scheduler = m.scheduler.take();
+            s.carried_policy = m.carried_policy.take();
             let params = GenerateParams { max_tokens, techniques: m.techniques.clone(), ..Default::default() };
             let cpu0 = cpu_seconds();
             // A drafter's own pass over the prompt (the draft model's prefill) runs beside the
@@ -196,6 +205,7 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
             let cpu = cpu_seconds() - cpu0;
             m.drafter = s.drafter.take();
             m.scheduler = s.scheduler.take();
+            m.carried_policy = s.carried_policy.take();
             let pf = begin_ms + if m.techniques.calibration && m.drafter.is_some() { prefill_cal_ms } else { prefill_ms };
             let g = g.with_context(|| format!("prompt {} in mode {}", p.id, m.name))?;
             let tps = g.timings.decode_tps();
@@ -230,6 +240,7 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
                 mean_accepted: spec.mean_accepted,
                 tokens_per_step: if spec.steps > 0 { spec.tokens_per_step } else { 1.0 },
                 identical_to_plain: identical,
+                plain_spread: 0.0,
                 prefill_ms: pf,
                 decode_ms: g.timings.decode_ms,
                 e2e_ms: pf + g.timings.decode_ms,
@@ -239,8 +250,13 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
             });
         }
         let reference = plain_tps.iter().sum::<f64>() / plain_tps.len().max(1) as f64;
+        let spread = match plain_tps[..] {
+            [a, b] if reference > 0.0 => (a - b).abs() / reference,
+            _ => 0.0,
+        };
         for mut r in rows {
             r.speedup = if reference > 0.0 { r.decode_tps / reference } else { 0.0 };
+            r.plain_spread = spread;
             progress(&r);
             results.push(r);
         }
@@ -329,6 +345,7 @@ mod tests {
             mean_accepted: 0.0,
             tokens_per_step: 1.0,
             identical_to_plain: true,
+            plain_spread: 0.0,
             prefill_ms: 0.0,
             decode_ms: 0.0,
             e2e_ms: 0.0,

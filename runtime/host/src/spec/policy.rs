@@ -37,6 +37,13 @@ impl Counts {
         Counts { succ: vec![0.0; n], trials: vec![0.0; n] }
     }
 
+    /// The counts scaled by `f`, then down to at most `cap` trials at any depth.
+    fn scaled(&self, f: f64, cap: f64) -> Counts {
+        let top = self.trials.iter().fold(0.0f64, |m, &t| m.max(t)) * f;
+        let f = if top > cap { f * cap / top } else { f };
+        Counts { succ: self.succ.iter().map(|x| x * f).collect(), trials: self.trials.iter().map(|x| x * f).collect() }
+    }
+
     fn record(&mut self, reached: u32, accepted: u32) {
         for d in 1..=reached.min(self.succ.len() as u32) {
             let i = d as usize - 1;
@@ -63,12 +70,36 @@ pub struct Policy {
 
 /// Weight of old observations per new one.
 const DECAY: f64 = 0.93;
+/// Most observations per depth a request inherits from the one before (see
+/// [`Policy::carried`]).
+pub const CARRY_CAP: f64 = 6.0;
 
 impl Policy {
     pub fn new(max_depth: u32) -> Policy {
         let max_depth = max_depth.max(1);
         let n = max_depth as usize;
         Policy { max_depth, all: Counts::new(n), by_class: vec![Counts::new(n); CLASSES + 1], draft_ms_per_level: 0.0 }
+    }
+
+    /// The policy a following request with the same drafter starts from (a warm start):
+    /// this one's evidence at half weight, and at most [`CARRY_CAP`] observations per depth,
+    /// so the new request's own steps take over within a few verifications and knowledge
+    /// that is never refreshed (a class the scheduler stopped verifying) fades back toward
+    /// the prior over requests, which makes the scheduler try it again. Without it every
+    /// request paid for relearning that, say, one-token matches rarely pay: on short answers
+    /// with nothing to copy that was several failed verifications out of a few dozen steps.
+    pub fn carried(&self) -> Policy {
+        Policy {
+            max_depth: self.max_depth,
+            all: self.all.scaled(0.5, CARRY_CAP),
+            by_class: self.by_class.iter().map(|c| c.scaled(0.5, CARRY_CAP)).collect(),
+            draft_ms_per_level: self.draft_ms_per_level,
+        }
+    }
+
+    /// The deepest draft this policy keeps statistics for.
+    pub fn max_depth(&self) -> u32 {
+        self.max_depth
     }
 
     /// Estimated probability that depth `d` (1-based, at most the policy's depth) is accepted
@@ -185,5 +216,39 @@ mod tests {
         assert_eq!(class_of(1.0), 4);
         assert_eq!(class_of(7.0), 4);
         assert_eq!(class_of(f32::NAN), 0);
+    }
+
+    #[test]
+    fn a_carried_policy_keeps_the_direction_of_the_evidence_at_a_bounded_weight() {
+        let mut p = Policy::new(4);
+        p.record_draft(2, 3.0);
+        for _ in 0..40 {
+            p.record(Some(0), 4, 0);
+            p.record(Some(4), 4, 4);
+        }
+        let c = p.carried();
+        assert_eq!(c.max_depth(), 4);
+        assert_eq!(c.draft_ms_per_level(), p.draft_ms_per_level());
+        // Still says weak drafts fail and confident ones pass...
+        let (lo, hi) = (c.acceptance(Some(0), 1), c.acceptance(Some(4), 1));
+        assert!(lo < 0.3 && hi > 0.7, "weak {lo}, confident {hi}");
+        // ...but weighs at most CARRY_CAP observations, so fresh evidence moves it fast.
+        for cl in [0, 4] {
+            assert!(c.by_class[cl].trials.iter().all(|&t| t <= CARRY_CAP + 1e-9), "{:?}", c.by_class[cl].trials);
+        }
+        let mut d = c.clone();
+        for _ in 0..6 {
+            d.record(Some(0), 4, 4);
+        }
+        assert!(d.acceptance(Some(0), 1) > 0.5, "{}", d.acceptance(Some(0), 1));
+        // Carried again and again without new evidence, it fades back toward the prior.
+        let mut f = c;
+        for _ in 0..8 {
+            f = f.carried();
+        }
+        assert!((f.acceptance(Some(0), 1) - 0.5).abs() < 0.05, "{}", f.acceptance(Some(0), 1));
+        // Statistics older than the cap are scaled, not cut: the ratio is kept.
+        let ratio = |x: &Counts| x.succ[0] / x.trials[0];
+        assert!((ratio(&p.all) - ratio(&p.carried().all)).abs() < 1e-9);
     }
 }

@@ -209,9 +209,14 @@ impl Session {
         let mut em = Emitter::new(&self.tok, &p.stop, p.stop_at_eos, p.max_tokens);
         let t1 = Instant::now();
         let mut returned: Option<Box<dyn Drafter>> = None;
-        // Acceptance and drafting costs start afresh with each request (they depend on the
-        // prompt and the drafter); the scheduler's cost model carries over.
-        let mut policy = Policy::new(p.max_draft_depth);
+        // Acceptance and drafting costs start from what the session's last request with
+        // this drafter ended with, at a weight the new prompt's evidence soon outweighs
+        // (acceptance depends on the prompt as well as the drafter); the scheduler's cost
+        // model carries over in full.
+        let mut policy = match self.carried_policy.take() {
+            Some((name, pol)) if name == stats.drafter && pol.max_depth() == p.max_draft_depth.max(1) => pol.carried(),
+            _ => Policy::new(p.max_draft_depth),
+        };
         let mut reuse = Reuse::default();
         let mut last_verify_ms: Option<f64> = None;
         let max_width = p.max_draft_width.max(2);
@@ -366,6 +371,9 @@ impl Session {
                 stats.drafter_error.get_or_insert(e.to_string());
             }
             returned = d;
+        }
+        if !stats.drafter.is_empty() && stats.drafter_error.is_none() {
+            self.carried_policy = Some((stats.drafter.clone(), policy));
         }
         if let Err(e) = r {
             return (returned, sched, Err(e));
