@@ -81,19 +81,24 @@ impl Policy {
         Policy { max_depth, all: Counts::new(n), by_class: vec![Counts::new(n); CLASSES + 1], draft_ms_per_level: 0.0 }
     }
 
-    /// The policy a following request with the same drafter starts from (a warm start):
-    /// this one's evidence at half weight, and at most [`CARRY_CAP`] observations per depth,
-    /// so the new request's own steps take over within a few verifications and knowledge
-    /// that is never refreshed (a class the scheduler stopped verifying) fades back toward
-    /// the prior over requests, which makes the scheduler try it again. Without it every
-    /// request paid for relearning that, say, one-token matches rarely pay: on short answers
-    /// with nothing to copy that was several failed verifications out of a few dozen steps.
+    /// The policy a following request with the same drafter starts from (a warm start).
+    /// It keeps the per-confidence-class statistics, which describe the drafter and the
+    /// model (how often a one-token match, say, is right), at half weight and at most
+    /// [`CARRY_CAP`] observations per depth, so the new request's own steps take over within
+    /// a few verifications and knowledge that is never refreshed (a class the scheduler
+    /// stopped verifying) fades back toward the prior over requests, which makes the
+    /// scheduler try it again. The all-drafts mixture and the drafting cost start afresh:
+    /// they depend on how much the new prompt offers to copy, and a drafter whose drafts
+    /// are planned before their class is known (a draft model) would otherwise never be
+    /// tried again after one prompt where it did not pay. Without the warm start every
+    /// request relearnt that weak matches rarely pay: on short answers with nothing to
+    /// copy, several failed verifications out of a few dozen steps.
     pub fn carried(&self) -> Policy {
         Policy {
             max_depth: self.max_depth,
-            all: self.all.scaled(0.5, CARRY_CAP),
+            all: Counts::new(self.max_depth as usize),
             by_class: self.by_class.iter().map(|c| c.scaled(0.5, CARRY_CAP)).collect(),
-            draft_ms_per_level: self.draft_ms_per_level,
+            draft_ms_per_level: 0.0,
         }
     }
 
@@ -228,7 +233,9 @@ mod tests {
         }
         let c = p.carried();
         assert_eq!(c.max_depth(), 4);
-        assert_eq!(c.draft_ms_per_level(), p.draft_ms_per_level());
+        // The mixture over all drafts and the drafting cost are the new prompt's to learn.
+        assert_eq!(c.acceptance(None, 1), 0.5);
+        assert_eq!(c.draft_ms_per_level(), 0.0);
         // Still says weak drafts fail and confident ones pass...
         let (lo, hi) = (c.acceptance(Some(0), 1), c.acceptance(Some(4), 1));
         assert!(lo < 0.3 && hi > 0.7, "weak {lo}, confident {hi}");
@@ -249,6 +256,6 @@ mod tests {
         assert!((f.acceptance(Some(0), 1) - 0.5).abs() < 0.05, "{}", f.acceptance(Some(0), 1));
         // Statistics older than the cap are scaled, not cut: the ratio is kept.
         let ratio = |x: &Counts| x.succ[0] / x.trials[0];
-        assert!((ratio(&p.all) - ratio(&p.carried().all)).abs() < 1e-9);
+        assert!((ratio(&p.by_class[4]) - ratio(&p.carried().by_class[4])).abs() < 1e-9);
     }
 }
