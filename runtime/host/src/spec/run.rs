@@ -209,10 +209,10 @@ impl Session {
         let mut em = Emitter::new(&self.tok, &p.stop, p.stop_at_eos, p.max_tokens);
         let t1 = Instant::now();
         let mut returned: Option<Box<dyn Drafter>> = None;
-        // Acceptance and drafting costs start from what the session's last request with
-        // this drafter ended with, at a weight the new prompt's evidence soon outweighs
-        // (acceptance depends on the prompt as well as the drafter); the scheduler's cost
-        // model carries over in full.
+        // Acceptance per draft confidence starts from what the session's last request with
+        // this drafter ended with, at a weight the new prompt's evidence soon outweighs; the
+        // all-drafts mixture and the drafting cost start afresh (see `Policy::carried`); the
+        // scheduler's cost model carries over in full.
         let mut policy = match self.carried_policy.take() {
             Some((name, pol)) if name == stats.drafter && pol.max_depth() == p.max_draft_depth.max(1) => pol.carried(),
             _ => Policy::new(p.max_draft_depth),
