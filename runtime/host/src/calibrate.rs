@@ -44,17 +44,12 @@ pub fn key(s: &Session) -> String {
 }
 
 fn cache_file(key: &str) -> PathBuf {
-    keyed_cache_file("calibration", key)
-}
-
-/// A file under the cache directory's `sub` folder named for `key` (FNV-1a: a stable name;
-/// the key itself is stored inside the file and compared on load).
-pub fn keyed_cache_file(sub: &str, key: &str) -> PathBuf {
+    // FNV-1a: a stable file name for the key (the key itself is stored inside and compared).
     let mut h: u64 = 0xcbf29ce484222325;
     for b in key.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100000001b3);
     }
-    crate::config::cache_dir().join(sub).join(format!("{h:016x}.json"))
+    crate::config::cache_dir().join("calibration").join(format!("{h:016x}.json"))
 }
 
 fn load(key: &str) -> Option<Vec<CostSample>> {

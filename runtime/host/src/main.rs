@@ -273,22 +273,6 @@ fn attach_drafter(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Re
     Ok(())
 }
 
-/// Starts the session's drafting policy from the one stored by the last run with this
-/// drafter (see `coordgen::spec::policy_store`).
-fn restore_policy(s: &mut Session) {
-    if let Some(name) = s.drafter.as_ref().map(|d| d.name().to_string()) {
-        s.carried_policy = coordgen::spec::policy_store::load(s, &name);
-    }
-}
-
-/// Stores the drafting policy the request ended with for the next run (a failure to write
-/// it costs only the warm start, so it is a warning).
-fn store_policy(s: &Session) {
-    if let Err(e) = coordgen::spec::policy_store::save(s) {
-        tracing::warn!(error = %format!("{e:#}"), "could not store the drafting policy");
-    }
-}
-
 /// Installs the scheduler (measuring the cost model first if this machine, model and backend
 /// have no cached calibration).
 fn attach_scheduler(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {
@@ -348,14 +332,12 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
     let prompt = s.tok.encode(&prompt_text, true)?;
     let json = a.json;
     let mut stdout = std::io::stdout();
-    restore_policy(&mut s);
     let g = s.generate(&prompt, &params, &mut |piece| {
         if !json {
             let _ = stdout.write_all(piece.as_bytes());
             let _ = stdout.flush();
         }
     })?;
-    store_policy(&s);
     if json {
         let v = serde_json::json!({
             "text": g.text,
@@ -394,7 +376,6 @@ fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
     if let Some(sys) = &a.system {
         msgs.push(Message::new("system", sys));
     }
-    restore_policy(&mut s);
     let stdin = std::io::stdin();
     let interactive = stdin.is_terminal();
     eprintln!("chat with {} ({}); /reset clears the conversation, /exit or Ctrl-D quits", a.model.model, s.model.arch);
@@ -432,7 +413,6 @@ fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
                 continue;
             }
         };
-        store_policy(&s);
         println!();
         eprintln!("[{}]", g.timings.summary());
         msgs.push(Message::new("assistant", &g.text));

@@ -1,13 +1,11 @@
 //! Speculative generation: draft trees from drafter plugins, verified in one forward of the
 //! target model, accepted losslessly. `tree` checks and lays out drafts and decides
 //! acceptance, `policy` keeps the acceptance statistics the scheduler sizes each step's draft
-//! from (`policy_store` keeps them between command-line runs), `reuse` keeps the agreeing
-//! tail of rejected drafts, `stage` runs drafters on their own thread, `emit` streams
-//! accepted text, `run` is the generation loop.
+//! from, `reuse` keeps the agreeing tail of rejected drafts, `stage` runs drafters on their own thread,
+//! `emit` streams accepted text, `run` is the generation loop.
 
 pub mod emit;
 pub mod policy;
-pub mod policy_store;
 pub mod reuse;
 pub mod run;
 pub mod stage;

@@ -10,8 +10,6 @@
 //! [`CLASSES`] buckets, plus one class for drafts that are only a reused segment), and a
 //! step planned for a known draft uses its class's estimates.
 
-use serde::{Deserialize, Serialize};
-
 use crate::scheduler::StepInput;
 
 /// Confidence buckets of drafter scores in [0, 1]: five of equal width.
@@ -28,7 +26,7 @@ pub fn class_of(score: f32) -> usize {
 }
 
 /// Decayed accepted / offered counts per depth (index 0 = depth 1).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 struct Counts {
     succ: Vec<f64>,
     trials: Vec<f64>,
@@ -60,7 +58,7 @@ impl Counts {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct Policy {
     max_depth: u32,
     all: Counts,
@@ -107,16 +105,6 @@ impl Policy {
     /// The deepest draft this policy keeps statistics for.
     pub fn max_depth(&self) -> u32 {
         self.max_depth
-    }
-
-    /// Whether the statistics are well formed (read back from a file): one count per depth
-    /// in every table, a table per class, finite counts with `0 <= succ <= trials`.
-    pub fn is_valid(&self) -> bool {
-        let n = self.max_depth as usize;
-        let ok = |c: &Counts| {
-            c.succ.len() == n && c.trials.len() == n && c.succ.iter().zip(&c.trials).all(|(&s, &t)| s.is_finite() && t.is_finite() && s >= 0.0 && s <= t + 1e-9)
-        };
-        n >= 1 && ok(&self.all) && self.by_class.len() == CLASSES + 1 && self.by_class.iter().all(ok) && self.draft_ms_per_level.is_finite()
     }
 
     /// Estimated probability that depth `d` (1-based, at most the policy's depth) is accepted
