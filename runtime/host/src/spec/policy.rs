@@ -94,12 +94,7 @@ impl Policy {
     /// request relearnt that weak matches rarely pay: on short answers with nothing to
     /// copy, several failed verifications out of a few dozen steps.
     pub fn carried(&self) -> Policy {
-        Policy {
-            max_depth: self.max_depth,
-            all: Counts::new(self.max_depth as usize),
-            by_class: self.by_class.iter().map(|c| c.scaled(0.5, CARRY_CAP)).collect(),
-            draft_ms_per_level: 0.0,
-        }
+        Policy { by_class: self.by_class.iter().map(|c| c.scaled(0.5, CARRY_CAP)).collect(), ..Policy::new(self.max_depth) }
     }
 
     /// The deepest draft this policy keeps statistics for.
