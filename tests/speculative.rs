@@ -119,6 +119,47 @@ backend = "cpu"
 }
 
 #[test]
+fn overlapped_drafting_is_lossless_and_drafts_during_verification() {
+    let dir = temp_dir("spec-overlap");
+    let smol = model_file(SMOL);
+    let extra = format!(
+        "[[plugin]]\nname = \"model\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_model.so\"\n[plugin.options]\nmodel = \"{}\"\nbackend = \"cpu\"\n",
+        plugin_dir().display(),
+        smol.display()
+    );
+    let mut cfg = config(&dir, &extra);
+    let mut s = Session::open(cpu_backend(2), &smol, 2048).unwrap();
+    let prompts = [
+        chat_prompt(&s, &format!("Here is a text:\n\n{}\n\nRepeat its first two sentences exactly.", document())),
+        chat_prompt(&s, "Write a short poem about the sea."),
+    ];
+    // Without overlap the draft model is loaded as configured (no threads of the target's).
+    assert_eq!(plugins::load_drafters(&cfg, "model").unwrap().own_threads(), 0);
+    cfg.techniques.overlap = true;
+    for (pi, prompt) in prompts.iter().enumerate() {
+        let plain = run(&mut s, None, prompt, &greedy(64));
+        for mut p in [greedy_fixed(64), greedy(64)] {
+            p.techniques.overlap = true;
+            let d = plugins::load_drafters(&cfg, "model").unwrap();
+            assert_eq!(d.own_threads(), 1);
+            let g = run(&mut s, Some(d), prompt, &p);
+            assert_eq!(g.tokens, plain.tokens, "overlapped drafting changed the output");
+            let st = g.spec.unwrap();
+            assert!(st.drafter_error.is_none(), "{:?}", st.drafter_error);
+            // The target gave one of its two threads to the draft model, and got it back.
+            assert_eq!(st.overlap_threads, 1);
+            assert_eq!(s.backend.capabilities().threads, 2);
+            if pi == 0 && p.draft_budget.is_some() {
+                // The draft model is the target itself: on the copying prompt, where it drafts
+                // confidently, whole main paths are accepted and the next draft, made during
+                // verification, starts with the target's own token.
+                assert!(st.overlapped_steps * 2 > st.draft_steps, "{st:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn greedy_identity_on_qwen_code_edit() {
     let dir = temp_dir("spec-qwen");
     let extra = format!("[[plugin]]\nname = \"retrieval\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_retrieval.so\"\n", plugin_dir().display());

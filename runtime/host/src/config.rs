@@ -61,6 +61,17 @@ pub struct TechniquesConfig {
     /// Prompt positions between calibrated predictions (0 = from the cost model).
     #[serde(default)]
     pub calibration_stride: u32,
+    /// Overlapped drafting: a drafter that runs a model drafts the next step while the
+    /// target verifies the current one, on cores taken from the target.
+    #[serde(default)]
+    pub overlap: bool,
+    /// Threads such a drafter gets while overlapping (the target keeps the rest).
+    #[serde(default = "one")]
+    pub overlap_draft_threads: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn yes() -> bool {
@@ -69,7 +80,7 @@ fn yes() -> bool {
 
 impl Default for TechniquesConfig {
     fn default() -> Self {
-        TechniquesConfig { calibration: true, reuse: true, extension: true, calibration_stride: 0 }
+        TechniquesConfig { calibration: true, reuse: true, extension: true, calibration_stride: 0, overlap: false, overlap_draft_threads: 1 }
     }
 }
 

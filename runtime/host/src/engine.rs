@@ -115,22 +115,26 @@ pub struct Techniques {
     /// Predictions every this many prompt positions (0 = chosen from the cost model so the
     /// extra logits cost at most about 10% of the prefill).
     pub calibration_stride: u32,
+    /// Overlapped drafting (see [`crate::spec::ahead`]): the drafter drafts the next step
+    /// while the target verifies, and a drafter that runs a model of its own gets its
+    /// threads from the target's for the request's decoding.
+    pub overlap: bool,
 }
 
 impl Default for Techniques {
     fn default() -> Self {
-        Techniques { calibration: true, reuse: true, extension: true, calibration_stride: 0 }
+        Techniques { calibration: true, reuse: true, extension: true, calibration_stride: 0, overlap: false }
     }
 }
 
 impl Techniques {
     pub fn none() -> Self {
-        Techniques { calibration: false, reuse: false, extension: false, calibration_stride: 0 }
+        Techniques { calibration: false, reuse: false, extension: false, calibration_stride: 0, overlap: false }
     }
 
     /// What `[techniques]` of `plugins.toml` turns on.
     pub fn from_config(t: &crate::config::TechniquesConfig) -> Self {
-        Techniques { calibration: t.calibration, reuse: t.reuse, extension: t.extension, calibration_stride: t.calibration_stride }
+        Techniques { calibration: t.calibration, reuse: t.reuse, extension: t.extension, calibration_stride: t.calibration_stride, overlap: t.overlap }
     }
 
     /// The calibration stride for session `s`: the configured one, or (0) the cost model's.

@@ -87,7 +87,8 @@ struct BenchArgs {
     /// A JSONL workload ({id, category, prompt} per line) to run in each of --modes.
     #[arg(long)]
     workload: Option<PathBuf>,
-    /// Decoding modes for --workload: plain, a drafter name, or drafters joined by '+'.
+    /// Decoding modes for --workload: plain, a drafter name, or drafters joined by '+'; a
+    /// mode ending in ':overlap' drafts the next step while the target verifies.
     #[arg(long, value_delimiter = ',', default_value = "plain,ngram,retrieval")]
     modes: Vec<String>,
     /// New tokens per prompt with --workload.
@@ -167,6 +168,10 @@ struct SampleArgs {
     /// Prompt positions between calibrated predictions (0 = from the cost model).
     #[arg(long)]
     calibration_stride: Option<u32>,
+    /// Draft the next step while the target verifies (a drafter running a model gets
+    /// `overlap_draft_threads` of the target's threads for it).
+    #[arg(long)]
+    overlap: bool,
 }
 
 #[derive(Args)]
@@ -228,6 +233,7 @@ impl SampleArgs {
             reuse: t.reuse && !self.no_reuse,
             extension: t.extension && !self.no_extension,
             calibration_stride: self.calibration_stride.unwrap_or(t.calibration_stride),
+            overlap: t.overlap || self.overlap,
         }
     }
 
@@ -314,7 +320,9 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
         (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?,
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    let cfg = PluginsConfig::load(config.as_deref())?;
+    let mut cfg = PluginsConfig::load(config.as_deref())?;
+    // Overlap decides how a drafter running a model is loaded (its threads).
+    cfg.techniques.overlap |= a.sample.overlap;
     let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
@@ -367,7 +375,9 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
-    let cfg = PluginsConfig::load(config.as_deref())?;
+    let mut cfg = PluginsConfig::load(config.as_deref())?;
+    // Overlap decides how a drafter running a model is loaded (its threads).
+    cfg.techniques.overlap |= a.sample.overlap;
     let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;

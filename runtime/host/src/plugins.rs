@@ -115,6 +115,11 @@ pub trait Drafter: Send {
         Ok(())
     }
     fn finish(&mut self) -> PResult<()>;
+    /// Threads the drafter's own model runs on, taken from the target's while overlapping
+    /// (0 = the drafter runs no model of its own, or was loaded without overlap).
+    fn own_threads(&self) -> u32 {
+        0
+    }
 }
 
 /// The target's top-`k` predictions at some prompt positions (see the interface crate's
@@ -241,11 +246,11 @@ pub fn load_drafter(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Drafter
     let header = open_header(entry, &path, "coordgen_drafter")?;
     let module = header.init_root_module::<DrafterModRef>().map_err(|e| load_err(name, version_msg(e)))?;
     let info = check_info(entry, &path, &(module.info())())?;
-    let options = drafter_options(cfg, entry)?;
+    let (options, own_threads) = drafter_options(cfg, entry)?;
     let obj = (module.create())(RStr::from(options.as_str()))
         .into_result()
         .map_err(|e| load_err(name, format!("could not start: {e}")))?;
-    Ok((Box::new(ForeignDrafter { name: entry.name.clone(), obj }), info))
+    Ok((Box::new(ForeignDrafter { name: entry.name.clone(), obj, own_threads }), info))
 }
 
 /// Loads the drafter(s) named by `spec`: one plugin name, or several joined by `,` which are
@@ -264,12 +269,15 @@ pub fn load_drafters(cfg: &PluginsConfig, spec: &str) -> PResult<Box<dyn Drafter
 
 /// A drafter's options with host facts filled in: `model` aliases resolved to files, a
 /// `backend` plugin name resolved to `backend_library` (its path) and `backend_options`, and
-/// `cache_dir` defaulted to the host's cache directory.
-fn drafter_options(cfg: &PluginsConfig, entry: &PluginEntry) -> PResult<String> {
+/// `cache_dir` defaulted to the host's cache directory. With overlapped drafting on, a
+/// drafter that runs a model on a backend gets `threads` (unless its options set them) and
+/// the thread count is returned, for the host to take from the target while decoding.
+fn drafter_options(cfg: &PluginsConfig, entry: &PluginEntry) -> PResult<(String, u32)> {
     let mut o: serde_json::Map<String, serde_json::Value> = serde_json::to_value(&entry.options)
         .ok()
         .and_then(|v| v.as_object().cloned())
         .unwrap_or_default();
+    let mut own_threads = 0;
     if let Some(m) = o.get("model").and_then(|v| v.as_str()) {
         let p = crate::config::resolve_model(m);
         if !p.exists() {
@@ -285,11 +293,15 @@ fn drafter_options(cfg: &PluginsConfig, entry: &PluginEntry) -> PResult<String> 
         let lib = resolve_library(be, &cfg.base_dir).map_err(|e| load_err(&entry.name, e.to_string()))?;
         o.insert("backend_library".into(), lib.display().to_string().into());
         o.insert("backend_options".into(), serde_json::to_value(&be.options).unwrap_or_default());
+        if cfg.techniques.overlap {
+            let t = o.entry("threads").or_insert(cfg.techniques.overlap_draft_threads.max(1).into());
+            own_threads = t.as_u64().unwrap_or(0) as u32;
+        }
     }
     if !o.contains_key("cache_dir") {
         o.insert("cache_dir".into(), crate::config::cache_dir().display().to_string().into());
     }
-    Ok(serde_json::Value::Object(o).to_string())
+    Ok((serde_json::Value::Object(o).to_string(), own_threads))
 }
 
 /// Loads every plugin of the config and reports what each is (for `coordgen plugins`).
@@ -413,6 +425,7 @@ impl Backend for ForeignBackend {
 struct ForeignDrafter {
     name: String,
     obj: DrafterBox,
+    own_threads: u32,
 }
 
 impl ForeignDrafter {
@@ -424,6 +437,9 @@ impl ForeignDrafter {
 impl Drafter for ForeignDrafter {
     fn name(&self) -> &str {
         &self.name
+    }
+    fn own_threads(&self) -> u32 {
+        self.own_threads
     }
     fn begin(&mut self, prompt: &[u32]) -> PResult<()> {
         let r = self.obj.begin(RSlice::from_slice(prompt));

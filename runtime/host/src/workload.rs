@@ -104,7 +104,8 @@ pub struct Mode {
 }
 
 /// Modes `plain`, a drafter name, or drafters joined by `+`, each with the configuration's
-/// scheduler and techniques; the scheduler is fed the session's calibration.
+/// scheduler and techniques; a name ending in `:overlap` turns overlapped drafting on for
+/// that mode. The scheduler is fed the session's calibration.
 pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques: &Techniques) -> Result<Vec<Mode>> {
     let mut modes = Vec::new();
     let mut names: Vec<String> = names.to_vec();
@@ -112,8 +113,14 @@ pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques
         names.insert(0, "plain".into());
     }
     for n in names {
-        let drafter = if n == "plain" { None } else { Some(plugins::load_drafters(cfg, &n.replace('+', ","))?) };
-        modes.push(mode(cfg, s, &n, drafter, &cfg.default_scheduler(), techniques.clone())?);
+        let (spec, overlap) = match n.strip_suffix(":overlap") {
+            Some(d) => (d, true),
+            None => (n.as_str(), techniques.overlap),
+        };
+        let mut cfg = cfg.clone();
+        cfg.techniques.overlap = overlap;
+        let drafter = if spec == "plain" { None } else { Some(plugins::load_drafters(&cfg, &spec.replace('+', ","))?) };
+        modes.push(mode(&cfg, s, &n, drafter, &cfg.default_scheduler(), Techniques { overlap, ..techniques.clone() })?);
     }
     Ok(modes)
 }

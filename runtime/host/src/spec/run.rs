@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use coordgen_interface::CostSample;
 
+use super::ahead;
 use super::emit::Emitter;
 use super::policy::{class_of, Policy, CLASSES, REUSED_CLASS};
 use super::reuse::Reuse;
@@ -61,6 +62,12 @@ pub struct SpecStats {
     /// Drafts looked at (one-token proposals) but not verified, because the scheduler found
     /// a plain step better for drafts of their confidence.
     pub unverified_drafts: u64,
+    /// Overlapped drafting: threads moved from the target to the drafter, steps whose draft
+    /// was drafted during the previous verification, and the time spent waiting for those
+    /// drafts once verification was done.
+    pub overlap_threads: u32,
+    pub overlapped_steps: u64,
+    pub overlap_wait_ms: f64,
     /// Set when the drafter failed and the request went on with plain decoding.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drafter_error: Option<String>,
@@ -117,6 +124,12 @@ pub fn summary(s: &SpecStats) -> String {
     if s.reused > 0 {
         line.push_str(&format!(", {} reused draft tokens accepted", s.reused));
     }
+    if s.overlapped_steps > 0 || s.overlap_threads > 0 {
+        line.push_str(&format!(
+            ", {} steps drafted during the previous verification ({} ms waited; {} threads moved to the drafter)",
+            s.overlapped_steps, s.overlap_wait_ms.round(), s.overlap_threads
+        ));
+    }
     if !s.drafts_by_confidence.is_empty() {
         let per: Vec<String> = s.drafts_by_confidence.iter().zip(&s.accepted_by_confidence).map(|(&d, &a)| format!("{a}/{d}")).collect();
         line.push_str(&format!("; accepted/drafts by confidence [{}], {} drafts not verified", per.join(" "), s.unverified_drafts));
@@ -138,6 +151,26 @@ fn draft_class(d: &Draft, offer: &[u32]) -> Option<usize> {
         return None;
     }
     d.parents.iter().zip(&d.scores).filter(|(&p, _)| p < 0).map(|(_, &s)| s).reduce(f32::max).map(class_of)
+}
+
+/// A failing drafter never costs a wrong token: it is stopped, the error recorded, and the
+/// request goes on with plain decoding. Returns the drafter (if its thread survived).
+fn drop_drafter(stage: &mut Option<DraftStage>, stats: &mut SpecStats, e: String) -> Option<Box<dyn Drafter>> {
+    tracing::warn!(drafter = %stats.drafter, error = %e, "drafter failed; continuing with plain decoding");
+    eprintln!("warning: drafter '{}' failed ({e}); continuing with plain decoding", stats.drafter);
+    stats.drafter_error = Some(e);
+    stage.take().and_then(|s| s.stop().0)
+}
+
+/// A draft for the coming step, drafted during the last verification ([`ahead`]): it
+/// continues the cache's first `base` tokens and the pending token `pending`; `wait_ms` is
+/// how long the host waited for it after verifying.
+struct Early {
+    base: usize,
+    pending: u32,
+    draft: Draft,
+    levels: u32,
+    wait_ms: f64,
 }
 
 impl Session {
@@ -177,6 +210,7 @@ impl Session {
             _ => 0,
         };
         let stride = p.techniques.stride(self);
+        let own_threads = drafter.as_ref().map(|d| d.own_threads()).unwrap_or(0);
         // The drafter's begin (indexing the prompt, or a draft model's prefill) runs on its
         // own thread while the target prefills.
         let mut stage = drafter.map(|d| DraftStage::start(d, prompt));
@@ -220,6 +254,19 @@ impl Session {
         let mut reuse = Reuse::default();
         let mut last_verify_ms: Option<f64> = None;
         let max_width = p.max_draft_width.max(2);
+        // Overlapped drafting: a drafter running a model of its own takes its threads from
+        // the target's for decoding (the prefills ran side by side at full width already).
+        let overlap = p.techniques.overlap && stage.is_some();
+        let target_threads = self.backend.capabilities().threads;
+        if overlap && own_threads > 0 && target_threads > own_threads {
+            match self.backend.set_threads(target_threads - own_threads) {
+                Ok(()) => stats.overlap_threads = own_threads,
+                Err(e) => tracing::warn!(error = %e, "could not move threads to the drafter"),
+            }
+        }
+        let mut early: Option<Early> = None;
+        // The drafter's time per level of the drafts it makes during verification (ms).
+        let mut ahead_ms_per_level = 0.0f64;
         let r = (|| -> Result<()> {
             let _s = tracing::info_span!("decode").entered();
             let mut pending = sampler.sample(&logits, &self.cached);
@@ -253,6 +300,8 @@ impl Session {
                 };
                 let mut tree = Tree::default();
                 let mut class = None;
+                let mut budget = Budget { depth: 0, nodes: 0 };
+                let prepared = early.take().filter(|e| e.base == base && e.pending == pending);
                 if let (Some(s), true) = (stage.as_mut(), room > 0) {
                     let mut seq = Vec::with_capacity(base + 1);
                     seq.extend_from_slice(&self.cached);
@@ -261,6 +310,27 @@ impl Session {
                     // displaces the drafter's own, usually better, proposal).
                     let offer: &[u32] = if p.techniques.reuse { reuse.offer() } else { &[] };
                     let drafted = (|| -> Result<Tree, String> {
+                        if let Some(e) = prepared {
+                            // Drafted while the last step was verified: the scheduler still
+                            // sizes the step, for the draft's confidence and what waiting
+                            // for it cost.
+                            policy.record_draft(e.levels, e.wait_ms);
+                            if e.draft.tokens.is_empty() && offer.is_empty() {
+                                return Ok(Tree::default());
+                            }
+                            class = draft_class(&e.draft, offer);
+                            budget = plan(class, &policy);
+                            if budget.depth == 0 {
+                                return Ok(Tree::default());
+                            }
+                            let nodes = budget.nodes.max(1).min(room);
+                            let mut t = tree::check(&e.draft, nv, nodes as usize, budget.depth)?;
+                            stats.overlapped_steps += 1;
+                            if !offer.is_empty() {
+                                t.add_branch(offer, nodes as usize, budget.depth);
+                            }
+                            return Ok(t);
+                        }
                         // When drafting costs next to nothing, a one-token proposal first
                         // tells the draft's confidence, and the step is planned for it.
                         let cheap =
@@ -273,7 +343,7 @@ impl Session {
                             }
                             class = draft_class(&d, offer);
                         }
-                        let budget = plan(class, &policy);
+                        budget = plan(class, &policy);
                         if budget.depth == 0 {
                             stats.unverified_drafts += cheap as u64;
                             return Ok(Tree::default());
@@ -296,13 +366,30 @@ impl Session {
                     })();
                     match drafted {
                         Ok(t) => tree = t,
-                        Err(e) => {
-                            // A failing drafter never costs a wrong token: finish plainly.
-                            tracing::warn!(drafter = %stats.drafter, error = %e, "drafter failed; continuing with plain decoding");
-                            eprintln!("warning: drafter '{}' failed ({e}); continuing with plain decoding", stats.drafter);
-                            stats.drafter_error = Some(e);
-                            returned = stage.take().and_then(|s| s.stop().0);
-                        }
+                        Err(e) => returned = drop_drafter(&mut stage, &mut stats, e),
+                    }
+                }
+                // Overlap: the drafter drafts the step after this one, from the end of this
+                // draft's main path, while the target verifies.
+                let mut early_path = Vec::new();
+                if let (true, false, Some(s)) = (overlap, tree.is_empty(), stage.as_mut()) {
+                    let path = ahead::main_path(&tree);
+                    let mut seq = Vec::with_capacity(base + 1 + path.len());
+                    seq.extend_from_slice(&self.cached);
+                    seq.push(pending);
+                    seq.extend(path.iter().map(|&i| tree.tokens[i]));
+                    // One level more than this step's draft (its first level is matched
+                    // against the target's next token), at most one level beyond what the
+                    // drafter finishes within one verification: an early draft that turns
+                    // out unusable is still waited for before the next proposal.
+                    let fits = match last_verify_ms {
+                        Some(v) if ahead_ms_per_level > 0.0 => (v / ahead_ms_per_level) as u32,
+                        _ => u32::MAX,
+                    };
+                    let depth = (budget.depth.max(1) + 1).min(fits.saturating_add(1).max(2));
+                    match s.propose_ahead(&seq, budget.nodes.max(1) + 1, depth) {
+                        Ok(()) => early_path = path,
+                        Err(e) => returned = drop_drafter(&mut stage, &mut stats, e.to_string()),
                     }
                 }
                 let tree_depth = tree.max_depth();
@@ -341,6 +428,25 @@ impl Session {
                 if p.techniques.reuse && stage.is_some() {
                     reuse.after_step(&tree, &logits, nv, &v, &new_tokens, p.max_draft_depth as usize);
                 }
+                // The early draft is usable only if the whole main path it continues was
+                // accepted; otherwise the next proposal drops it.
+                if let (true, Some(s)) = (ahead::accepted_whole(&early_path, &v.accepted), stage.as_mut()) {
+                    let tw = Instant::now();
+                    match s.take_ahead() {
+                        Ok((d, ms)) => {
+                            let wait_ms = tw.elapsed().as_secs_f64() * 1e3;
+                            stats.overlap_wait_ms += wait_ms;
+                            stats.draft_ms += ms;
+                            let levels = ahead::depth(&d).max(1);
+                            ahead_ms_per_level = match ahead_ms_per_level {
+                                x if x > 0.0 => 0.8 * x + 0.2 * ms / levels as f64,
+                                _ => ms / levels as f64,
+                            };
+                            early = ahead::subtree(&d, v.next).map(|draft| Early { base: self.cached.len(), pending: v.next, draft, levels, wait_ms });
+                        }
+                        Err(e) => returned = drop_drafter(&mut stage, &mut stats, e.to_string()),
+                    }
+                }
                 let mut go = true;
                 for &t in &new_tokens {
                     if !em.push(t, on_text)? {
@@ -362,6 +468,11 @@ impl Session {
                 pending = v.next;
             }
         })();
+        if stats.overlap_threads > 0 {
+            if let Err(e) = self.backend.set_threads(target_threads) {
+                tracing::warn!(error = %e, "could not give the target its threads back");
+            }
+        }
         stats.reused = reuse.accepted;
         em.flush(on_text);
         if let Some(s) = stage.take() {

@@ -1,6 +1,8 @@
 //! The draft stage: a drafter running on its own thread, fed by crossbeam channels, so its
 //! `begin` (indexing the prompt, or prefilling a draft model) overlaps the target's prefill.
-//! Step feedback is queued and delivered just before the next proposal. Also [`Chain`], which combines
+//! Step feedback is queued and delivered just before the next proposal. A proposal can also
+//! be asked for without waiting (overlapped drafting: the drafter works while the target
+//! verifies) and collected later. Also [`Chain`], which combines
 //! drafters: the first one with a draft wins, all of them see what was accepted.
 
 use std::thread::JoinHandle;
@@ -33,6 +35,9 @@ pub struct DraftStage {
     /// end), while the host waits anyway, so the drafter's thread never wakes in the middle
     /// of a target forward and takes a core from the backend's workers.
     queued: Vec<Feedback>,
+    /// A proposal asked for with [`propose_ahead`](Self::propose_ahead) whose reply has not
+    /// been taken.
+    ahead: bool,
 }
 
 fn gone(name: &str) -> PluginError {
@@ -75,7 +80,7 @@ impl DraftStage {
             })
             .expect("spawning the draft thread");
         let _ = tx.send(Cmd::Begin(prompt.to_vec()));
-        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), queued: Vec::new() }
+        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), queued: Vec::new(), ahead: false }
     }
 
     pub fn name(&self) -> &str {
@@ -98,11 +103,33 @@ impl DraftStage {
         }
     }
 
-    /// Asks for a draft continuing `sequence`; returns it with the drafter's time in ms.
+    /// Asks for a draft continuing `sequence`; returns it with the drafter's time in ms. A
+    /// proposal still running ahead is waited for and dropped first.
     pub fn propose(&mut self, sequence: &[u32], nodes: u32, depth: u32) -> PResult<(Draft, f64)> {
+        self.propose_ahead(sequence, nodes, depth)?;
+        self.take_ahead()
+    }
+
+    /// Asks for a draft continuing `sequence` without waiting for it: the drafter works on
+    /// it while the caller verifies. [`take_ahead`](Self::take_ahead) collects it; any other
+    /// proposal drops it.
+    pub fn propose_ahead(&mut self, sequence: &[u32], nodes: u32, depth: u32) -> PResult<()> {
+        if self.ahead {
+            self.take_ahead()?;
+        }
         self.flush()?;
         let tx = self.tx.as_ref().ok_or_else(|| gone(&self.name))?;
         tx.send(Cmd::Propose { sequence: sequence.to_vec(), nodes, depth }).map_err(|_| gone(&self.name))?;
+        self.ahead = true;
+        Ok(())
+    }
+
+    /// Waits for the proposal asked for by [`propose_ahead`](Self::propose_ahead); returns
+    /// it with the drafter's time in ms (an error if none is outstanding).
+    pub fn take_ahead(&mut self) -> PResult<(Draft, f64)> {
+        if !std::mem::take(&mut self.ahead) {
+            return Err(PluginError::Call { plugin: self.name.clone(), message: "no proposal is outstanding".into() });
+        }
         self.wait(|r| match r {
             Reply::Draft(d, ms) => Some(d.map(|d| (d, ms))),
             _ => None,
@@ -203,6 +230,9 @@ impl Drafter for Chain {
     }
     fn calibrate(&mut self, c: &Predictions) -> PResult<()> {
         self.parts.iter_mut().filter(|p| p.calibration_top_k() > 0).try_for_each(|p| p.calibrate(c))
+    }
+    fn own_threads(&self) -> u32 {
+        self.parts.iter().map(|p| p.own_threads()).sum()
     }
     fn finish(&mut self) -> PResult<()> {
         let mut r = Ok(());
