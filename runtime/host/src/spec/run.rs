@@ -255,15 +255,14 @@ impl Session {
         let mut last_verify_ms: Option<f64> = None;
         let max_width = p.max_draft_width.max(2);
         // Overlapped drafting: a drafter running a model of its own takes its threads from
-        // the target's for decoding (the prefills ran side by side at full width already).
+        // the target's while it drafts during a verification (the rest of the time, plain
+        // steps included, the target has them all).
         let overlap = p.techniques.overlap && stage.is_some();
         let target_threads = self.backend.capabilities().threads;
         if overlap && own_threads > 0 && target_threads > own_threads {
-            match self.backend.set_threads(target_threads - own_threads) {
-                Ok(()) => stats.overlap_threads = own_threads,
-                Err(e) => tracing::warn!(error = %e, "could not move threads to the drafter"),
-            }
+            stats.overlap_threads = own_threads;
         }
+        let mut threads_now = target_threads;
         let mut early: Option<Early> = None;
         // The drafter's time per level of the drafts it makes during verification (ms).
         let mut ahead_ms_per_level = 0.0f64;
@@ -392,6 +391,16 @@ impl Session {
                         Err(e) => returned = drop_drafter(&mut stage, &mut stats, e.to_string()),
                     }
                 }
+                if stats.overlap_threads > 0 {
+                    let busy = stage.as_mut().is_some_and(|s| s.drafting_ahead());
+                    let want = if busy { target_threads - stats.overlap_threads } else { target_threads };
+                    if want != threads_now {
+                        match self.backend.set_threads(want) {
+                            Ok(()) => threads_now = want,
+                            Err(e) => tracing::warn!(error = %e, "could not move threads between the target and the drafter"),
+                        }
+                    }
+                }
                 let tree_depth = tree.max_depth();
                 let (tokens, positions, mask) = tree::batch(pending, base as u32, &tree);
                 let w = tokens.len();
@@ -468,7 +477,7 @@ impl Session {
                 pending = v.next;
             }
         })();
-        if stats.overlap_threads > 0 {
+        if threads_now != target_threads {
             if let Err(e) = self.backend.set_threads(target_threads) {
                 tracing::warn!(error = %e, "could not give the target its threads back");
             }

@@ -5,6 +5,7 @@
 //! verifies) and collected later. Also [`Chain`], which combines
 //! drafters: the first one with a draft wins, all of them see what was accepted.
 
+use std::collections::VecDeque;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -30,6 +31,8 @@ pub struct DraftStage {
     name: String,
     tx: Option<Sender<Cmd>>,
     rx: Receiver<Reply>,
+    /// Replies received while polling, not yet consumed by a wait.
+    arrived: VecDeque<Reply>,
     handle: Option<JoinHandle<Box<dyn Drafter>>>,
     /// Feedback not yet delivered. It goes out right before the next proposal (or at the
     /// end), while the host waits anyway, so the drafter's thread never wakes in the middle
@@ -80,7 +83,7 @@ impl DraftStage {
             })
             .expect("spawning the draft thread");
         let _ = tx.send(Cmd::Begin(prompt.to_vec()));
-        DraftStage { name, tx: Some(tx), rx, handle: Some(handle), queued: Vec::new(), ahead: false }
+        DraftStage { name, tx: Some(tx), rx, arrived: VecDeque::new(), handle: Some(handle), queued: Vec::new(), ahead: false }
     }
 
     pub fn name(&self) -> &str {
@@ -88,9 +91,12 @@ impl DraftStage {
     }
 
     /// Waits for replies until `want` matches; an error reply (or a lost stage) is returned.
-    fn wait<T>(&self, want: impl Fn(Reply) -> Option<PResult<T>>) -> PResult<T> {
+    fn wait<T>(&mut self, want: impl Fn(Reply) -> Option<PResult<T>>) -> PResult<T> {
         loop {
-            let r = self.rx.recv().map_err(|_| gone(&self.name))?;
+            let r = match self.arrived.pop_front() {
+                Some(r) => r,
+                None => self.rx.recv().map_err(|_| gone(&self.name))?,
+            };
             match r {
                 Reply::Begun(Err(e)) | Reply::Observed(Err(e)) => return Err(e),
                 Reply::Begun(Ok(())) => {}
@@ -122,6 +128,16 @@ impl DraftStage {
         tx.send(Cmd::Propose { sequence: sequence.to_vec(), nodes, depth }).map_err(|_| gone(&self.name))?;
         self.ahead = true;
         Ok(())
+    }
+
+    /// Whether the drafter is still working on a proposal asked for ahead (its reply has not
+    /// arrived yet). Does not wait.
+    pub fn drafting_ahead(&mut self) -> bool {
+        if !self.ahead {
+            return false;
+        }
+        self.arrived.extend(self.rx.try_iter());
+        !self.arrived.iter().any(|r| matches!(r, Reply::Draft(..)))
     }
 
     /// Waits for the proposal asked for by [`propose_ahead`](Self::propose_ahead); returns
@@ -162,7 +178,8 @@ impl DraftStage {
         let flushed = self.flush();
         drop(self.tx.take());
         let mut first_err = flushed;
-        while let Ok(r) = self.rx.recv() {
+        let arrived: Vec<Reply> = self.arrived.drain(..).collect();
+        for r in arrived.into_iter().chain(self.rx.iter()) {
             if let Reply::Begun(Err(e)) | Reply::Observed(Err(e)) = r {
                 if first_err.is_ok() {
                     first_err = Err(e);
