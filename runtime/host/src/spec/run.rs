@@ -62,9 +62,9 @@ pub struct SpecStats {
     /// Drafts looked at (one-token proposals) but not verified, because the scheduler found
     /// a plain step better for drafts of their confidence.
     pub unverified_drafts: u64,
-    /// Overlapped drafting: threads moved from the target to the drafter, steps whose draft
-    /// was drafted during the previous verification, and the time spent waiting for those
-    /// drafts once verification was done.
+    /// Overlapped drafting: threads the target lends the drafter while it drafts ahead (0 =
+    /// none), steps whose draft was drafted during the previous verification, and the time
+    /// spent waiting for those drafts once verification was done.
     pub overlap_threads: u32,
     pub overlapped_steps: u64,
     pub overlap_wait_ms: f64,
@@ -126,7 +126,7 @@ pub fn summary(s: &SpecStats) -> String {
     }
     if s.overlapped_steps > 0 || s.overlap_threads > 0 {
         line.push_str(&format!(
-            ", {} steps drafted during the previous verification ({} ms waited; {} threads moved to the drafter)",
+            ", {} steps drafted during the previous verification ({} ms waited; threads lent to the drafter: {})",
             s.overlapped_steps, s.overlap_wait_ms.round(), s.overlap_threads
         ));
     }
@@ -169,6 +169,7 @@ struct Early {
     base: usize,
     pending: u32,
     draft: Draft,
+    /// Depth of the draft as the drafter made it (for the drafting-cost statistics).
     levels: u32,
     wait_ms: f64,
 }
