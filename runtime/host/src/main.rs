@@ -237,6 +237,14 @@ impl SampleArgs {
         }
     }
 
+    /// The plugin configuration with this command's `--overlap` applied: overlap decides how
+    /// a drafter running a model is loaded (its threads).
+    fn config(&self, path: &Option<PathBuf>) -> Result<PluginsConfig> {
+        let mut cfg = PluginsConfig::load(path.as_deref())?;
+        cfg.techniques.overlap |= self.overlap;
+        Ok(cfg)
+    }
+
     fn params_with(&self, cfg: &PluginsConfig) -> Result<GenerateParams> {
         Ok(GenerateParams { techniques: self.techniques(cfg), ..self.params()? })
     }
@@ -320,9 +328,7 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
         (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?,
         (None, None) => bail!("give --prompt or --prompt-file"),
     };
-    let mut cfg = PluginsConfig::load(config.as_deref())?;
-    // Overlap decides how a drafter running a model is loaded (its threads).
-    cfg.techniques.overlap |= a.sample.overlap;
+    let cfg = a.sample.config(config)?;
     let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
@@ -375,9 +381,7 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
-    let mut cfg = PluginsConfig::load(config.as_deref())?;
-    // Overlap decides how a drafter running a model is loaded (its threads).
-    cfg.techniques.overlap |= a.sample.overlap;
+    let cfg = a.sample.config(config)?;
     let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;

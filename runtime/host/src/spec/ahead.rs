@@ -30,17 +30,6 @@ pub fn accepted_whole(path: &[usize], accepted: &[usize]) -> bool {
     !path.is_empty() && path == accepted
 }
 
-/// Depth of a drafter's tree (0 when empty; parents that do not precede their child count
-/// as roots here, `tree::check` rejects them later).
-pub fn depth(d: &Draft) -> u32 {
-    let mut depths: Vec<u32> = Vec::with_capacity(d.tokens.len());
-    for i in 0..d.tokens.len() {
-        let p = d.parents.get(i).copied().unwrap_or(-1);
-        depths.push(if p >= 0 && (p as usize) < i { depths[p as usize] + 1 } else { 1 });
-    }
-    depths.into_iter().max().unwrap_or(0)
-}
-
 /// The part of `d` below its root token `token`, re-rooted: that root's children become the
 /// roots. None when no root of `d` is `token` or nothing hangs below it. Nodes keep their
 /// scores; parents still precede children.
@@ -110,6 +99,5 @@ mod tests {
         assert!(subtree(&draft(&[5], &[-1]), 5).is_none());
         assert!(subtree(&d, 7).is_none());
         assert!(subtree(&Draft::default(), 7).is_none());
-        assert_eq!((depth(&d), depth(&s), depth(&Draft::default())), (3, 2, 0));
     }
 }

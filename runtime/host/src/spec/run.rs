@@ -310,32 +310,20 @@ impl Session {
                     // displaces the drafter's own, usually better, proposal).
                     let offer: &[u32] = if p.techniques.reuse { reuse.offer() } else { &[] };
                     let drafted = (|| -> Result<Tree, String> {
-                        if let Some(e) = prepared {
-                            // Drafted while the last step was verified: the scheduler still
-                            // sizes the step, for the draft's confidence and what waiting
-                            // for it cost.
+                        // A draft made while the last step was verified: the step is planned
+                        // for its confidence, and its drafting cost is what waiting for it took.
+                        let early_draft = prepared.map(|e| {
                             policy.record_draft(e.levels, e.wait_ms);
-                            if e.draft.tokens.is_empty() && offer.is_empty() {
-                                return Ok(Tree::default());
-                            }
-                            class = draft_class(&e.draft, offer);
-                            budget = plan(class, &policy);
-                            if budget.depth == 0 {
-                                return Ok(Tree::default());
-                            }
-                            let nodes = budget.nodes.max(1).min(room);
-                            let mut t = tree::check(&e.draft, nv, nodes as usize, budget.depth)?;
-                            stats.overlapped_steps += 1;
-                            if !offer.is_empty() {
-                                t.add_branch(offer, nodes as usize, budget.depth);
-                            }
-                            return Ok(t);
-                        }
+                            e.draft
+                        });
                         // When drafting costs next to nothing, a one-token proposal first
                         // tells the draft's confidence, and the step is planned for it.
-                        let cheap =
-                            p.draft_budget.is_none() && last_verify_ms.is_some_and(|v| policy.draft_ms_per_level() * p.max_draft_depth as f64 <= 0.05 * v);
-                        if cheap {
+                        let cheap = early_draft.is_none()
+                            && p.draft_budget.is_none()
+                            && last_verify_ms.is_some_and(|v| policy.draft_ms_per_level() * p.max_draft_depth as f64 <= 0.05 * v);
+                        if let Some(d) = &early_draft {
+                            class = draft_class(d, offer);
+                        } else if cheap {
                             let (d, ms) = s.propose(&seq, 1, 1).map_err(|e| e.to_string())?;
                             stats.draft_ms += ms;
                             if d.tokens.is_empty() && offer.is_empty() {
@@ -349,15 +337,20 @@ impl Session {
                             return Ok(Tree::default());
                         }
                         let nodes = budget.nodes.max(1).min(room);
-                        let mut t = if class == Some(REUSED_CLASS) {
-                            Tree::default()
-                        } else {
-                            let (d, ms) = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string())?;
-                            stats.draft_ms += ms;
-                            let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
-                            policy.record_draft(t.max_depth().max(1), ms);
-                            class = class.or(draft_class(&d, offer));
-                            t
+                        let mut t = match early_draft {
+                            Some(d) => {
+                                stats.overlapped_steps += 1;
+                                tree::check(&d, nv, nodes as usize, budget.depth)?
+                            }
+                            None if class == Some(REUSED_CLASS) => Tree::default(),
+                            None => {
+                                let (d, ms) = s.propose(&seq, nodes, budget.depth).map_err(|e| e.to_string())?;
+                                stats.draft_ms += ms;
+                                let t = tree::check(&d, nv, nodes as usize, budget.depth)?;
+                                policy.record_draft(t.max_depth().max(1), ms);
+                                class = class.or(draft_class(&d, offer));
+                                t
+                            }
                         };
                         if !offer.is_empty() {
                             t.add_branch(offer, nodes as usize, budget.depth);
@@ -442,19 +435,23 @@ impl Session {
                 // accepted; otherwise the next proposal drops it.
                 if let (true, Some(s)) = (ahead::accepted_whole(&early_path, &v.accepted), stage.as_mut()) {
                     let tw = Instant::now();
-                    match s.take_ahead() {
-                        Ok((d, ms)) => {
+                    let taken = s.take_ahead().map_err(|e| e.to_string()).and_then(|(d, ms)| {
+                        // A malformed early draft fails the drafter as any other draft would.
+                        let levels = tree::check(&d, nv, usize::MAX, u32::MAX)?.max_depth().max(1);
+                        Ok((d, ms, levels))
+                    });
+                    match taken {
+                        Ok((d, ms, levels)) => {
                             let wait_ms = tw.elapsed().as_secs_f64() * 1e3;
                             stats.overlap_wait_ms += wait_ms;
                             stats.draft_ms += ms;
-                            let levels = ahead::depth(&d).max(1);
                             ahead_ms_per_level = match ahead_ms_per_level {
                                 x if x > 0.0 => 0.8 * x + 0.2 * ms / levels as f64,
                                 _ => ms / levels as f64,
                             };
                             early = ahead::subtree(&d, v.next).map(|draft| Early { base: self.cached.len(), pending: v.next, draft, levels, wait_ms });
                         }
-                        Err(e) => returned = drop_drafter(&mut stage, &mut stats, e.to_string()),
+                        Err(e) => returned = drop_drafter(&mut stage, &mut stats, e),
                     }
                 }
                 let mut go = true;
