@@ -6,12 +6,13 @@
 //! or the thread split (work is split over independent outputs, never over a reduction).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use coordgen_model::quant::dequantize_row;
 
 use crate::model::Matrix;
 use crate::qgemm::{self, QActs, URow};
-use crate::pool::{split_range, ThreadPool};
+use crate::pool::ThreadPool;
 use crate::simd::{self, Isa};
 
 /// Token rows per tile: a tile of activations stays in L2 while a weight row is reused.
@@ -25,30 +26,55 @@ pub struct SharedMut(pub *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// Shared driver of the matrix kernels: rows are split over the pool, and each thread runs
-/// `work(rows, put)` for its range of rows, storing results with `put(r, t0, vals)`
-/// (`out[t0 + i, r] = vals[i]`, only for rows of its range).
+/// Shared driver of the matrix kernels: rows are handed out to the pool's threads in
+/// chunks, and each thread runs `work(rows, put)` for every chunk it takes, storing results
+/// with `put(r, t0, vals)` (`out[t0 + i, r] = vals[i]`, only for rows of that chunk).
+///
+/// Chunks are taken from a shared counter and shrink as the matrix runs out (each is a share
+/// of what is left, at least [`MIN_CHUNK`] rows): a static split into equal halves left one
+/// core spinning at the end of every matrix whenever the other ran slower (a shared machine,
+/// a busier cache), several percent of decode. Which thread computes a row never changes its
+/// value, so batch invariance and determinism are unaffected.
 fn par_rows(pool: &ThreadPool, rows: usize, n_tok: usize, out: &mut [f32], work: impl Fn(Range<usize>, &dyn Fn(usize, usize, &[f32])) + Sync) {
     assert_eq!(out.len(), n_tok * rows);
     let outp = SharedMut(out.as_mut_ptr());
     let nt = pool.threads();
-    pool.run(&|ti| {
-        let range = split_range(rows, nt, ti);
-        if range.is_empty() {
-            return;
+    let next = AtomicUsize::new(0);
+    pool.run(&|_| {
+        while let Some(chunk) = take_chunk(&next, rows, nt) {
+            let o = outp;
+            let owned = chunk.clone();
+            let put = move |r: usize, t0: usize, vals: &[f32]| {
+                assert!(owned.contains(&r) && t0 + vals.len() <= n_tok);
+                for (i, &v) in vals.iter().enumerate() {
+                    // SAFETY: row r belongs to this chunk, which only this thread took
+                    // (asserted); index in bounds by the asserts above.
+                    unsafe { *o.0.add((t0 + i) * rows + r) = v };
+                }
+            };
+            work(chunk, &put);
         }
-        let o = outp;
-        let owned = range.clone();
-        let put = move |r: usize, t0: usize, vals: &[f32]| {
-            assert!(owned.contains(&r) && t0 + vals.len() <= n_tok);
-            for (i, &v) in vals.iter().enumerate() {
-                // SAFETY: row r belongs to this thread only (asserted); index in bounds by the
-                // asserts above.
-                unsafe { *o.0.add((t0 + i) * rows + r) = v };
-            }
-        };
-        work(range, &put);
     });
+}
+
+/// Smallest chunk of rows [`par_rows`] hands out (even, so row pairs stay whole).
+const MIN_CHUNK: usize = 16;
+
+/// Takes the next chunk of `0..rows` from `next`: a `1 / (2 threads)` share of the rows left,
+/// rounded to an even count and at least [`MIN_CHUNK`] (or all that is left).
+fn take_chunk(next: &AtomicUsize, rows: usize, threads: usize) -> Option<Range<usize>> {
+    let mut start = next.load(Ordering::Relaxed);
+    loop {
+        if start >= rows {
+            return None;
+        }
+        let left = rows - start;
+        let want = (left / (2 * threads.max(1))).next_multiple_of(2).max(MIN_CHUNK).min(left);
+        match next.compare_exchange_weak(start, start + want, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(start..start + want),
+            Err(now) => start = now,
+        }
+    }
 }
 
 /// `out[t, r] = sum_k W[r, k] * x[t, k]` for `w` rows `r`, `x` of `n_tok x cols`,
