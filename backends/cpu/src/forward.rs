@@ -135,9 +135,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
         qa.quantize_on(Some(pool), &xn, w, e, bits);
-        ops::linear(pool, isa, &l.wq, &xn, &qa, w, &mut q);
-        ops::linear(pool, isa, &l.wk, &xn, &qa, w, &mut k);
-        ops::linear(pool, isa, &l.wv, &xn, &qa, w, &mut v);
+        ops::linear_many(pool, isa, &[&l.wq, &l.wk, &l.wv], &xn, &qa, w, &mut [&mut q, &mut k, &mut v]);
         for (buf, bias) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
             if let Some(bias) = bias {
                 for row in buf.chunks_exact_mut(bias.len()) {
@@ -169,8 +167,7 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
 
         ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
         qa.quantize_on(Some(pool), &xn, w, e, bits);
-        ops::linear(pool, isa, &l.w_gate, &xn, &qa, w, &mut gate);
-        ops::linear(pool, isa, &l.w_up, &xn, &qa, w, &mut up);
+        ops::linear_many(pool, isa, &[&l.w_gate, &l.w_up], &xn, &qa, w, &mut [&mut gate, &mut up]);
         ops::swiglu(&mut gate, &up);
         qa.quantize_on(Some(pool), &gate, w, hp.n_ff, bits);
         ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
