@@ -19,6 +19,8 @@ use crate::plugins::{file_stamp, Forward};
 const VERIFY_WIDTHS: [u32; 11] = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32];
 /// Widths timed with logits for the last row only (prefill chunks).
 const PREFILL_WIDTHS: [u32; 3] = [32, 64, 128];
+/// Passes over the verification widths; each width keeps its fastest time.
+const PASSES: usize = 3;
 
 /// What identifies a calibration: machine, backend and model.
 pub fn key(s: &Session) -> String {
@@ -108,7 +110,8 @@ pub fn cost_samples(s: &mut Session, force: bool) -> Result<(Vec<CostSample>, bo
     Ok((samples, true))
 }
 
-/// Times forwards of each width at two context lengths (the fastest of two runs each).
+/// Times forwards of each width at two context lengths (the fastest of [`PASSES`] runs each,
+/// one run for prefill widths).
 pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
     let caps = s.backend.capabilities();
     let max_w = if caps.max_width == 0 { u32::MAX } else { caps.max_width };
@@ -145,22 +148,29 @@ pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
                 s.backend.truncate(s.slot, ctx)?;
             }
         }
-        for (w, rows) in widths {
-            if w > max_w || ctx + w >= room {
-                continue;
-            }
-            let toks: Vec<u32> = (ctx..ctx + w).map(tok).collect();
-            let pos: Vec<u32> = (ctx..ctx + w).collect();
-            let logit_rows: Vec<u32> = if rows > 1 && rows < w { (0..w).filter(|r| r % (w / rows) == 0).collect() } else { (w - rows..w).collect() };
-            let reps = if w >= 64 { 1 } else { 2 };
-            let mut best = u64::MAX;
-            for _ in 0..reps {
+        // Round-robin passes over all widths, keeping each width's fastest time: a slow
+        // spell on a shared machine then costs every width a sample, instead of inflating
+        // a few consecutive widths and bending the model's shape (which decides how wide
+        // the scheduler drafts until the next calibration). Prefill widths: one pass.
+        let mut best: Vec<u64> = vec![u64::MAX; widths.len()];
+        for pass in 0..PASSES {
+            for (i, &(w, rows)) in widths.iter().enumerate() {
+                if w > max_w || ctx + w >= room || (pass > 0 && w >= 64) {
+                    continue;
+                }
+                let toks: Vec<u32> = (ctx..ctx + w).map(tok).collect();
+                let pos: Vec<u32> = (ctx..ctx + w).collect();
+                let logit_rows: Vec<u32> = if rows > 1 && rows < w { (0..w).filter(|r| r % (w / rows) == 0).collect() } else { (w - rows..w).collect() };
                 let t = Instant::now();
                 s.backend.forward(&Forward { slot: s.slot, tokens: &toks, positions: &pos, mask: &[], logit_rows: &logit_rows })?;
-                best = best.min(t.elapsed().as_micros() as u64);
+                best[i] = best[i].min(t.elapsed().as_micros() as u64);
                 s.backend.truncate(s.slot, ctx)?;
             }
-            out.push(CostSample { width: w, context: ctx, rows, micros: best.max(1) });
+        }
+        for (&(w, rows), &b) in widths.iter().zip(&best) {
+            if b != u64::MAX {
+                out.push(CostSample { width: w, context: ctx, rows, micros: b.max(1) });
+            }
         }
     }
     s.reset()?;
