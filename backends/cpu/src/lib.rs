@@ -11,6 +11,10 @@ pub mod model;
 pub mod ops;
 pub mod pool;
 pub mod qgemm;
+#[cfg(any(target_arch = "aarch64", test))]
+pub mod qgemm_neon;
+#[cfg(all(test, not(target_arch = "aarch64")))]
+mod neon_emu;
 pub mod repack;
 pub mod simd;
 #[doc(hidden)]

@@ -459,6 +459,9 @@ pub fn dot_tokens(isa: Isa, row: &URow, acts: &QActs, t0: usize, t1: usize, out:
         Isa::Avx512 if x86::has_vnni() => unsafe { x86::dot_tokens_vnni(row, acts, t0, t1, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 => unsafe { x86::dot_tokens_avx2(row, acts, t0, t1, out) },
+        // SAFETY: `Isa::Neon` is chosen only on aarch64 CPUs with NEON.
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { crate::qgemm_neon::dot_tokens(row, acts, t0, t1, out) },
         _ => {
             for t in t0..t1 {
                 let (hi, lo, sa, ds) = acts.row(t);
