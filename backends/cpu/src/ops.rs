@@ -178,51 +178,49 @@ fn qmatmul_rows(isa: Isa, w: &Matrix, acts: &QActs, range: Range<usize>, out: &C
     let n_tok = acts.n;
     let (data, rb) = (w.data(), w.row_bytes());
     let src = |r: usize| &data[r * rb..(r + 1) * rb];
-    {
-        if w.is_packed() && n_tok <= FUSED_MAX_TOKENS {
-            // Few tokens: expand packed weights in registers, no unpacked copy; blocks of
-            // rows per kernel call keep the per-call overhead out of decode.
-            const ROW_BLOCK: usize = 64;
-            let mut d = vec![0f32; ROW_BLOCK.min(range.len()) * n_tok];
-            for b0 in range.clone().step_by(ROW_BLOCK) {
-                let b1 = (b0 + ROW_BLOCK).min(range.end);
-                qgemm::dot_packed_rows(isa, w.ty, data, b0..b1, acts, &mut d);
-                out.rows(b0, &d[..(b1 - b0) * n_tok]);
-            }
-            return;
+    if w.is_packed() && n_tok <= FUSED_MAX_TOKENS {
+        // Few tokens: expand packed weights in registers, no unpacked copy; blocks of
+        // rows per kernel call keep the per-call overhead out of decode.
+        const ROW_BLOCK: usize = 64;
+        let mut d = vec![0f32; ROW_BLOCK.min(range.len()) * n_tok];
+        for b0 in range.clone().step_by(ROW_BLOCK) {
+            let b1 = (b0 + ROW_BLOCK).min(range.end);
+            qgemm::dot_packed_rows(isa, w.ty, data, b0..b1, acts, &mut d);
+            out.rows(b0, &d[..(b1 - b0) * n_tok]);
         }
-        let tile = QTOKEN_TILE.min(n_tok);
-        let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
-        let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
-        let unpack = |r: usize, u: &mut URow| {
-            // The row PREFETCH_ROWS ahead into L2 (as the fused kernels do): unpacking alone
-            // leaves too few misses in flight to stream from memory.
-            if r + qgemm::PREFETCH_ROWS < range.end {
-                qgemm::prefetch_l2(src(r + qgemm::PREFETCH_ROWS));
-            }
-            if w.is_packed() {
-                qgemm::unpack_packed_isa(isa, w.ty, src(r), u)
-            } else {
-                qgemm::unpack_row_isa(isa, w.ty, src(r), u)
-            }
-        };
-        for t0 in (0..n_tok).step_by(QTOKEN_TILE) {
-            let t1 = (t0 + QTOKEN_TILE).min(n_tok);
-            let nt = t1 - t0;
-            let mut r = range.start;
-            while r + 1 < range.end {
-                unpack(r, &mut u0);
-                unpack(r + 1, &mut u1);
-                qgemm::dot_tokens2(isa, &u0, &u1, acts, t0, t1, &mut d0[..nt], &mut d1[..nt]);
-                out.row(r, t0, &d0[..nt]);
-                out.row(r + 1, t0, &d1[..nt]);
-                r += 2;
-            }
-            if r < range.end {
-                unpack(r, &mut u0);
-                qgemm::dot_tokens(isa, &u0, acts, t0, t1, &mut d0[..nt]);
-                out.row(r, t0, &d0[..nt]);
-            }
+        return;
+    }
+    let tile = QTOKEN_TILE.min(n_tok);
+    let (mut d0, mut d1) = (vec![0f32; tile], vec![0f32; tile]);
+    let (mut u0, mut u1) = (URow::new(w.cols), URow::new(w.cols));
+    let unpack = |r: usize, u: &mut URow| {
+        // The row PREFETCH_ROWS ahead into L2 (as the fused kernels do): unpacking alone
+        // leaves too few misses in flight to stream from memory.
+        if r + qgemm::PREFETCH_ROWS < range.end {
+            qgemm::prefetch_l2(src(r + qgemm::PREFETCH_ROWS));
+        }
+        if w.is_packed() {
+            qgemm::unpack_packed_isa(isa, w.ty, src(r), u)
+        } else {
+            qgemm::unpack_row_isa(isa, w.ty, src(r), u)
+        }
+    };
+    for t0 in (0..n_tok).step_by(QTOKEN_TILE) {
+        let t1 = (t0 + QTOKEN_TILE).min(n_tok);
+        let nt = t1 - t0;
+        let mut r = range.start;
+        while r + 1 < range.end {
+            unpack(r, &mut u0);
+            unpack(r + 1, &mut u1);
+            qgemm::dot_tokens2(isa, &u0, &u1, acts, t0, t1, &mut d0[..nt], &mut d1[..nt]);
+            out.row(r, t0, &d0[..nt]);
+            out.row(r + 1, t0, &d1[..nt]);
+            r += 2;
+        }
+        if r < range.end {
+            unpack(r, &mut u0);
+            qgemm::dot_tokens(isa, &u0, acts, t0, t1, &mut d0[..nt]);
+            out.row(r, t0, &d0[..nt]);
         }
     }
 }

@@ -90,10 +90,6 @@ pub unsafe fn dot_tokens(row: &URow, acts: &QActs, t0: usize, t1: usize, out: &m
     if has_dotprod() {
         return dot_tokens_sdot(row, acts, t0, t1, out);
     }
-    dot_tokens_mull(row, acts, t0, t1, out)
-}
-
-unsafe fn dot_tokens_mull(row: &URow, acts: &QActs, t0: usize, t1: usize, out: &mut [f32]) {
     dot_tokens_with::<Mull>(row, acts, t0, t1, out)
 }
 
