@@ -323,7 +323,9 @@ mod tests {
         let isa = crate::simd::detect();
         for (ty, k) in PACKED.into_iter().flat_map(|ty| widths(ty).into_iter().map(move |k| (ty, k))) {
             for bits in [ActBits::Fifteen, ActBits::Eight] {
-                let n = 9usize;
+                // 35 tokens: a full 32-token call of the tile-outer kernel (two rows) and a
+                // 3-token tail; the ranges below add one token and seven.
+                let n = 35usize;
                 let w = crate::testdata::signal(3 * k, 4);
                 let src: Vec<u8> = w.chunks(k).flat_map(|r| quantize_row(ty, r)).collect();
                 let packed = repack_matrix(isa, ty, &src, 3, k, 1);
@@ -393,7 +395,7 @@ mod timing {
             let src: Vec<u8> = (0..rows).flat_map(|r| quantize_row(ty, &w[(r % 64) * k..(r % 64 + 1) * k])).collect();
             let packed = repack_matrix(isa, ty, &src, rows, k, 1);
             let rb = ty.row_bytes(k);
-            for n in [1usize, 2, 4, 8, 16] {
+            for n in [1usize, 2, 4, 5, 8, 16, 32] {
                 let x = crate::testdata::signal(n * k, 3);
                 let mut acts = QActs::new();
                 let bits = if std::env::var("BITS").as_deref() == Ok("8") { ActBits::Eight } else { ActBits::Fifteen };
