@@ -660,6 +660,11 @@ pub mod x86 {
         /// AVX-512 F/BW must be enabled in the caller; `tile` must be in the row.
         unsafe fn tile(self, tile: usize) -> ([__m512i; 4], __m512, __m512);
         fn kp(self) -> usize;
+        /// Whether `tile` computes (expands packed bits) rather than only loads: then more
+        /// than 4 tokens run [`tiles_outer_vnni`], which expands each tile once. Loading an
+        /// unpacked tile again per 4 tokens saves nothing to trade for
+        /// the accumulators' round trips through memory.
+        const EXPANDS: bool;
     }
 
     impl TileSrc for &URow {
@@ -672,6 +677,7 @@ pub mod x86 {
         fn kp(self) -> usize {
             self.q.len()
         }
+        const EXPANDS: bool = false;
     }
 
     /// Packed row formats, as the const parameter of [`Packed`]: each format gets its own
@@ -782,6 +788,7 @@ pub mod x86 {
         fn kp(self) -> usize {
             self.k
         }
+        const EXPANDS: bool = true;
     }
 
     /// Expands a packed row into the unpacked form (the stores of the fused kernels' loads).
@@ -869,15 +876,15 @@ pub mod x86 {
     }
 
     /// Tokens `t0..t1` of `R` rows. Up to 4 tokens keep their accumulators in registers
-    /// ([`tile_vnni`]); more run [`tiles_outer_vnni`], which expands each weight tile once
-    /// for all of them. Both make the same operations per (row, token), so the split never
+    /// ([`tile_vnni`]); more tokens of packed rows run [`tiles_outer_vnni`], which expands
+    /// each weight tile once for all of them. Both make the same operations per (row, token), so the split never
     /// changes a result.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     unsafe fn tokens_vnni<const R: usize, S: TileSrc>(rows: [S; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         let mut t = t0;
         while t < t1 {
             let o = out.map(|p| p.add(t - t0));
-            let n = (t1 - t).min(OUTER_ACCS / R);
+            let n = (t1 - t).min(if S::EXPANDS { OUTER_ACCS / R } else { 4 });
             match n {
                 5.. => tiles_outer_vnni::<R, S>(rows, acts, t, t + n, o),
                 4 => tile_vnni::<R, 4, S>(rows, acts, t, o),
