@@ -662,8 +662,8 @@ pub mod x86 {
         fn kp(self) -> usize;
         /// Whether `tile` computes (expands packed bits) rather than only loads: then more
         /// than 4 tokens run [`tiles_outer_vnni`], which expands each tile once. Loading an
-        /// unpacked tile again per 4 tokens saves nothing to trade for
-        /// the accumulators' round trips through memory.
+        /// unpacked tile again per 4 tokens saves nothing to trade for the accumulators'
+        /// round trips through memory.
         const EXPANDS: bool;
     }
 
@@ -877,8 +877,8 @@ pub mod x86 {
 
     /// Tokens `t0..t1` of `R` rows. Up to 4 tokens keep their accumulators in registers
     /// ([`tile_vnni`]); more tokens of packed rows run [`tiles_outer_vnni`], which expands
-    /// each weight tile once for all of them. Both make the same operations per (row, token), so the split never
-    /// changes a result.
+    /// each weight tile once for all of them. Both make the same operations per (row,
+    /// token), so the split never changes a result.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     unsafe fn tokens_vnni<const R: usize, S: TileSrc>(rows: [S; R], acts: &QActs, t0: usize, t1: usize, out: [*mut f32; R]) {
         let mut t = t0;
@@ -900,7 +900,19 @@ pub mod x86 {
     /// activations of one tile of its tokens.
     const OUTER_ACCS: usize = 64;
 
-    /// Token `t`'s activation vectors, scales and group sums at tile `tile` (`off = tile * TILE`).
+    /// Tile `tile` of each of `R` rows: weight vectors, group scales, group biases.
+    #[inline(always)]
+    unsafe fn row_tiles<const R: usize, S: TileSrc>(rows: [S; R], tile: usize) -> ([[__m512i; 4]; R], [__m512; R], [__m512; R]) {
+        let mut w = [[_mm512_setzero_si512(); 4]; R];
+        let mut ws = [_mm512_setzero_ps(); R];
+        let mut wb = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            (w[r], ws[r], wb[r]) = rows[r].tile(tile);
+        }
+        (w, ws, wb)
+    }
+
+    /// A token's activation vectors, scales and group sums at one tile.
     struct TokenTile {
         hv: [__m512i; 4],
         lo: *const i8,
@@ -966,12 +978,7 @@ pub mod x86 {
         let mut acc = [[_mm512_setzero_ps(); N]; R];
         let eight = acts.bits == ActBits::Eight;
         for tile in 0..kp / TILE {
-            let mut w = [[_mm512_setzero_si512(); 4]; R];
-            let mut ws = [_mm512_setzero_ps(); R];
-            let mut wb = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                (w[r], ws[r], wb[r]) = rows[r].tile(tile);
-            }
+            let (w, ws, wb) = row_tiles(rows, tile);
             for j in 0..N {
                 let a = token_tile(acts, t + j, tile);
                 for r in 0..R {
@@ -1003,12 +1010,7 @@ pub mod x86 {
         }
         let eight = acts.bits == ActBits::Eight;
         for tile in 0..rows[0].kp() / TILE {
-            let mut w = [[_mm512_setzero_si512(); 4]; R];
-            let mut ws = [_mm512_setzero_ps(); R];
-            let mut wb = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                (w[r], ws[r], wb[r]) = rows[r].tile(tile);
-            }
+            let (w, ws, wb) = row_tiles(rows, tile);
             for j in 0..n {
                 let a = token_tile(acts, t0 + j, tile);
                 for r in 0..R {
