@@ -13,6 +13,7 @@
 //! follow how the model will phrase the context, not only its literal text. Responses of
 //! earlier requests of the same session stay in the automaton as well.
 
+pub mod confidence;
 pub mod sam;
 
 use std::cmp::Ordering;
@@ -25,6 +26,7 @@ use coordgen_interface::{Calibration, DraftBudget, DraftFeedback, DraftSource, D
 use serde::Deserialize;
 
 use coordgen_drafter_store::datastore::{Datastore, Range};
+use confidence::{Acceptance, Cell, Kind};
 use sam::Sam;
 
 #[derive(Deserialize)]
@@ -43,7 +45,8 @@ struct Options {
     /// Target predictions wanted per prompt position (0 = no calibration).
     #[serde(default = "d_top_k")]
     calibration_top_k: u32,
-    /// Weight of the model's predictions against the literal continuations.
+    /// Weight of tokens the model predicted at a matched prompt position that never
+    /// followed it there (as alternatives beside the literal continuations).
     #[serde(default = "d_mix")]
     calibration_weight: f32,
     /// Earlier responses of the session kept for matching (tokens).
@@ -55,7 +58,7 @@ fn d_top_k() -> u32 {
     3
 }
 fn d_mix() -> f32 {
-    0.5
+    1.0
 }
 fn d_history() -> usize {
     16384
@@ -81,38 +84,53 @@ pub struct RetrievalDrafter {
     prompt_len: usize,
     /// Calibrated predictions: automaton text position -> (tokens, probabilities).
     preds: HashMap<u32, (Vec<u32>, Vec<f32>)>,
+    /// Acceptance by match length and the model's view, learned from verifications.
+    acceptance: Acceptance,
+    /// The last proposed tree's nodes: (parent, cell), for learning from its verification.
+    last_tree: Vec<(i32, Cell)>,
 }
 
 pub fn create(options: &str) -> Result<RetrievalDrafter, String> {
     let opts: Options = serde_json::from_str(if options.trim().is_empty() { "{}" } else { options })
         .map_err(|e| format!("retrieval drafter options: {e}"))?;
     let store = opts.datastore.as_deref().map(Datastore::load).transpose()?;
-    Ok(RetrievalDrafter { opts, sam: Sam::default(), store, history: Vec::new(), prompt_len: 0, preds: HashMap::new() })
+    Ok(RetrievalDrafter {
+        opts,
+        sam: Sam::default(),
+        store,
+        history: Vec::new(),
+        prompt_len: 0,
+        preds: HashMap::new(),
+        acceptance: Acceptance::default(),
+        last_tree: Vec::new(),
+    })
 }
 
-/// Where a tree node stands in each source.
+/// Where a tree node stands in each source (`len`: how many tokens of the sequence, drafts
+/// included, the source matches there).
 #[derive(Clone, Copy, Debug)]
 enum Handle {
-    Local { state: u32, weight: f32 },
+    Local { state: u32, len: u32, weight: f32 },
     /// A predicted token that never occurred in the text: a leaf.
     Dead,
     Store { range: Range, weight: f32 },
 }
 
-/// A child of a tree node: its probability `p`, of which `literal` comes from literal
-/// continuations (the rest from calibrated predictions), and where it stands in each source.
+/// A child of a tree node: its estimated acceptance `p` (given the node's), the feature cell
+/// of its strongest source, and where it stands in each source.
 struct Child {
     token: u32,
     p: f32,
-    literal: f32,
+    cell: Cell,
+    cell_p: f32,
     handles: Vec<Handle>,
 }
 
 struct Candidate {
-    /// Path probability: the best-first order.
+    /// Estimated probability that the whole path is accepted: the best-first order, and
+    /// what the tree records as the node's score.
     score: f32,
-    /// What the tree records as the node's score (see `propose`).
-    conf: f32,
+    cell: Cell,
     parent: i32,
     token: u32,
     handles: Vec<Handle>,
@@ -167,34 +185,45 @@ impl RetrievalDrafter {
         if total_w <= 0.0 {
             return out;
         }
-        // `literal`: whether `p` comes from a literal continuation (not a calibrated prediction).
-        let mut add = |tok: u32, p: f32, literal: bool, h: Handle| match out.iter_mut().find(|x| x.token == tok) {
+        // Each source's share is its continuation frequency times the estimated acceptance
+        // of its cell; the child keeps the cell of its largest share.
+        let mut add = |tok: u32, p: f32, cell: Cell, h: Handle| match out.iter_mut().find(|x| x.token == tok) {
             // The document separator is not a token: a match ending a document has no child.
             _ if tok == SEP => {}
             Some(x) => {
                 x.p += p;
-                x.literal += if literal { p } else { 0.0 };
+                if p > x.cell_p {
+                    (x.cell, x.cell_p) = (cell, p);
+                }
                 x.handles.push(h);
             }
-            None => out.push(Child { token: tok, p, literal: if literal { p } else { 0.0 }, handles: vec![h] }),
+            None => out.push(Child { token: tok, p, cell, cell_p: p, handles: vec![h] }),
         };
+        let est = |c: Cell| self.acceptance.estimate(c);
         for &h in handles {
             match h {
-                Handle::Local { state, weight } => {
+                Handle::Local { state, len, weight } => {
                     let kids: Vec<(u32, u32, u32)> = self.sam.children(state).collect();
                     let n: u32 = kids.iter().map(|k| k.2).sum();
+                    // The target's predictions where the matched text last occurred in the
+                    // prompt (a calibrated position): how likely it found each continuation.
                     let pred = self.sam.latest_followed_end(state).and_then(|e| self.preds.get(&e));
-                    let lit_w = if pred.is_some() { 1.0 - self.opts.calibration_weight } else { 1.0 };
-                    for (tok, next, c) in kids {
-                        add(tok, weight / total_w * lit_w * c as f32 / n.max(1) as f32, true, Handle::Local { state: next, weight });
+                    let model_p = |tok: u32| pred.map(|(t, p)| t.iter().position(|&x| x == tok).map(|i| p[i]).unwrap_or(0.0));
+                    for &(tok, next, c) in &kids {
+                        let cell = Cell::new(Kind::Literal, len, model_p(tok));
+                        add(tok, weight / total_w * c as f32 / n.max(1) as f32 * est(cell), cell, Handle::Local { state: next, len: len + 1, weight });
                     }
                     if let Some((toks, probs)) = pred {
                         for (&tok, &p) in toks.iter().zip(probs) {
-                            let h = match self.sam.step(state, tok) {
-                                Some(next) => Handle::Local { state: next, weight },
+                            if kids.iter().any(|k| k.0 == tok) {
+                                continue;
+                            }
+                            let h = match self.sam.step(state, len, tok) {
+                                Some((next, l)) => Handle::Local { state: next, len: l, weight },
                                 None => Handle::Dead,
                             };
-                            add(tok, weight / total_w * self.opts.calibration_weight * p, false, h);
+                            let cell = Cell::new(Kind::Predicted, len, Some(p));
+                            add(tok, weight / total_w * self.opts.calibration_weight * est(cell), cell, h);
                         }
                     }
                 }
@@ -202,8 +231,9 @@ impl RetrievalDrafter {
                 Handle::Store { range, weight } => {
                     if let Some(ds) = &self.store {
                         let n = (range.hi - range.lo) as f32;
+                        let cell = Cell::new(Kind::Literal, range.len, None);
                         for (tok, r) in ds.children(range) {
-                            add(tok, weight / total_w * (r.hi - r.lo) as f32 / n, true, Handle::Store { range: r, weight });
+                            add(tok, weight / total_w * (r.hi - r.lo) as f32 / n * est(cell), cell, Handle::Store { range: r, weight });
                         }
                     }
                 }
@@ -212,15 +242,6 @@ impl RetrievalDrafter {
         out
     }
 }
-
-/// Confidence in a continuation after a suffix match of `len` tokens, in (0, 1]: grows with
-/// the length up to [`CONFIDENT_MATCH`] tokens (one-token matches are often coincidences).
-fn match_confidence(len: usize) -> f32 {
-    len.clamp(1, CONFIDENT_MATCH) as f32 / CONFIDENT_MATCH as f32
-}
-
-/// Match length from which a continuation counts as fully confident.
-const CONFIDENT_MATCH: usize = 8;
 
 impl DraftSource for RetrievalDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
@@ -269,47 +290,52 @@ impl DraftSource for RetrievalDrafter {
     fn propose(&mut self, seq: &[u32], budget: DraftBudget) -> Result<DraftTree, String> {
         self.sync(seq);
         let mut roots = Vec::new();
-        let mut matched = 0usize;
         if let Some((state, len)) = self.sam.longest_repeat() {
             if len as usize >= self.opts.min_match {
-                roots.push(Handle::Local { state, weight: len as f32 });
-                matched = len as usize;
+                roots.push(Handle::Local { state, len, weight: len as f32 });
             }
         }
         if let Some(ds) = &self.store {
             if let Some(r) = ds.longest_suffix(seq, self.opts.min_match, self.opts.max_match) {
                 roots.push(Handle::Store { range: r, weight: r.len as f32 });
-                matched = matched.max(r.len as usize);
             }
         }
         let mut tb = TreeBuilder::new(budget);
+        self.last_tree.clear();
         if roots.is_empty() {
             return Ok(tb.build());
         }
-        // Best-first: the tree holds the most probable paths the budget allows.
+        // Best-first by the estimated probability that the path is accepted: the tree holds
+        // the paths most likely to be verified. The host plans the step by the first tokens'
+        // scores, which are these estimates too.
         let mut heap = BinaryHeap::new();
-        // The tree records path probabilities, except that first tokens record an estimate
-        // of their acceptance, which the host plans by: there a literal continuation counts
-        // for more after a long match (a long match predicts a long copy), while the target's
-        // own calibrated predictions count as they are. The best-first order is unchanged.
-        let literal_confidence = match_confidence(matched);
         for c in self.children(&roots) {
-            let conf = c.p - c.literal + c.literal * literal_confidence;
-            heap.push(Candidate { score: c.p, conf, parent: -1, token: c.token, handles: c.handles });
+            heap.push(Candidate { score: c.p, cell: c.cell, parent: -1, token: c.token, handles: c.handles });
         }
         while let Some(c) = heap.pop() {
             if tb.is_full() {
                 break;
             }
-            let Some(idx) = tb.add(c.parent, c.token, c.conf) else { continue };
+            let Some(idx) = tb.add(c.parent, c.token, c.score) else { continue };
+            if self.last_tree.len() <= idx {
+                self.last_tree.resize(idx + 1, (-1, c.cell));
+            }
+            self.last_tree[idx] = (c.parent, c.cell);
             for k in self.children(&c.handles) {
-                heap.push(Candidate { score: c.score * k.p, conf: c.score * k.p, parent: idx as i32, token: k.token, handles: k.handles });
+                heap.push(Candidate { score: c.score * k.p, cell: k.cell, parent: idx as i32, token: k.token, handles: k.handles });
             }
         }
         Ok(tb.build())
     }
 
-    fn observe(&mut self, _f: &DraftFeedback) -> Result<(), String> {
+    fn observe(&mut self, f: &DraftFeedback) -> Result<(), String> {
+        // Learn from the verification of the tree proposed last (a feedback that drafted
+        // nothing, or one for another proposal, has no nodes of it).
+        if f.n_drafted > 0 && !self.last_tree.is_empty() {
+            let nodes = std::mem::take(&mut self.last_tree);
+            let accepted: Vec<u32> = f.accepted_nodes.iter().copied().take_while(|&i| (i as usize) < nodes.len()).collect();
+            self.acceptance.record(&nodes, &accepted);
+        }
         Ok(())
     }
 
@@ -339,28 +365,50 @@ mod tests {
     }
 
     #[test]
-    fn calibrated_predictions_steer_and_extend_drafts() {
-        let mut d = create("{}").unwrap();
-        // Prompt: "1 2 3 4 | 7 8 9 | 1 2"; after "1 2" the text says 3, but the model, at
-        // position 1 (after "1 2"), predicts 7 with 0.9.
+    fn calibration_scores_literal_continuations_and_adds_the_models_alternatives() {
+        // Prompt: "1 2 3 4 | 7 8 9 | 1 2"; after "1 2" the text continued with 3.
         let prompt = [1, 2, 3, 4, 7, 8, 9, 1, 2];
-        d.begin(&prompt).unwrap();
-        let b = DraftBudget { max_nodes: 3, max_depth: 3 };
-        let plain = d.propose(&prompt, b).unwrap();
-        assert_eq!(&plain.tokens[..], &[3, 4, 7]);
-        let cal = Calibration { k: 2, positions: vec![1].into(), tokens: vec![7, 3].into(), probs: vec![0.9, 0.05].into() };
-        d.calibrate(&cal).unwrap();
-        // Literal 3 (0.5 + 0.5 * 0.05) still leads, the model's 7 (0.5 * 0.9) becomes a
-        // second root, and continues from where 7 occurred: 8 9.
-        let wide = d.propose(&prompt, DraftBudget { max_nodes: 6, max_depth: 3 }).unwrap();
-        assert_eq!(wide.tokens[0], 3);
+        let root_score = |d: &mut RetrievalDrafter, tok: u32| {
+            let t = d.propose(&prompt, DraftBudget { max_nodes: 6, max_depth: 3 }).unwrap();
+            (0..t.tokens.len()).find(|&i| t.tokens[i] == tok && t.parents[i] == -1).map(|i| t.scores[i])
+        };
+        let mut plain = create("{}").unwrap();
+        plain.begin(&prompt).unwrap();
+        let t = plain.propose(&prompt, DraftBudget { max_nodes: 3, max_depth: 3 }).unwrap();
+        assert_eq!(&t.tokens[..], &[3, 4, 7]);
+        let base = root_score(&mut plain, 3).unwrap();
+        // The model, at position 1 (after "1 2"), agrees with the text: the copy scores higher.
+        let mut agree = create("{}").unwrap();
+        agree.begin(&prompt).unwrap();
+        agree.calibrate(&Calibration { k: 2, positions: vec![1].into(), tokens: vec![3, 7].into(), probs: vec![0.9, 0.05].into() }).unwrap();
+        assert!(root_score(&mut agree, 3).unwrap() > base);
+        // It predicts 7 instead: the copy scores lower, and 7 becomes a second root that
+        // continues from where 7 occurred (8 9).
+        let mut differ = create("{}").unwrap();
+        differ.begin(&prompt).unwrap();
+        differ.calibrate(&Calibration { k: 2, positions: vec![1].into(), tokens: vec![7, 3].into(), probs: vec![0.9, 0.05].into() }).unwrap();
+        assert!(root_score(&mut differ, 3).unwrap() < base);
+        let wide = differ.propose(&prompt, DraftBudget { max_nodes: 6, max_depth: 3 }).unwrap();
+        assert_eq!(wide.tokens[0], 3, "the literal copy still leads");
         let i7 = (0..wide.tokens.len()).find(|&i| wide.tokens[i] == 7 && wide.parents[i] == -1).expect("a root 7");
         assert!((0..wide.tokens.len()).any(|i| wide.tokens[i] == 8 && wide.parents[i] == i7 as i32), "{:?} {:?}", wide.tokens, wide.parents);
-        assert!(d.calibrate(&Calibration { k: 2, positions: vec![1].into(), tokens: vec![7].into(), probs: vec![0.9].into() }).is_err());
-        // First tokens' scores: the literal 3 after a 2-token match counts a quarter
-        // (0.5 * 2/8 + 0.5 * 0.05), the model's 7 as it is (0.5 * 0.9).
-        let score = |t: u32| (0..wide.tokens.len()).find(|&i| wide.tokens[i] == t && wide.parents[i] == -1).map(|i| wide.scores[i]).unwrap();
-        assert!((score(3) - 0.15).abs() < 1e-6 && (score(7) - 0.45).abs() < 1e-6, "{:?}", wide.scores);
+        assert!(differ.calibrate(&Calibration { k: 2, positions: vec![1].into(), tokens: vec![7].into(), probs: vec![0.9].into() }).is_err());
+    }
+
+    #[test]
+    fn verifications_teach_the_drafter_how_far_copies_are_accepted() {
+        let prompt = [1, 2, 3, 4, 7, 8, 9, 1, 2];
+        let mut d = create("{}").unwrap();
+        d.begin(&prompt).unwrap();
+        let b = DraftBudget { max_nodes: 3, max_depth: 3 };
+        let first = d.propose(&prompt, b).unwrap().scores[0];
+        // Every time, the first drafted token is rejected.
+        for _ in 0..30 {
+            let t = d.propose(&prompt, b).unwrap();
+            d.observe(&DraftFeedback { accepted: vec![].into(), n_accepted_draft: 0, n_drafted: t.tokens.len() as u32, accepted_nodes: vec![].into() }).unwrap();
+        }
+        let after = d.propose(&prompt, b).unwrap().scores[0];
+        assert!(after < 0.5 * first, "{first} -> {after}");
     }
 
     #[test]

@@ -109,18 +109,20 @@ impl Sam {
         [st.last_end, st.prev_end].into_iter().find(|&e| e != NONE && e + 1 < n)
     }
 
-    /// The state reached by appending `c` to state `s`'s longest string, shortening it from
-    /// the left (suffix links) until `c` has followed it; None when `c` never occurred.
-    pub fn step(&self, mut s: u32, c: u32) -> Option<u32> {
+    /// The state reached by appending `c` to a match of `len` tokens in state `s`, shortening
+    /// the match from the left (suffix links) until `c` has followed it, and the new match's
+    /// length; None when `c` never occurred.
+    pub fn step(&self, mut s: u32, mut len: u32, c: u32) -> Option<(u32, u32)> {
         loop {
             if let Some(t) = self.get(s, c) {
-                return Some(t);
+                return Some((t, len + 1));
             }
             let l = self.st[s as usize].link;
             if l < 0 {
                 return None;
             }
             s = l as u32;
+            len = self.st[s as usize].len;
         }
     }
 

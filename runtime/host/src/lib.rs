@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod index;
 pub mod plugins;
+pub mod replay;
 pub mod sampling;
 pub mod scheduler;
 pub mod spec;

@@ -104,6 +104,15 @@ struct BenchArgs {
     /// extended, full) over --workload (default ../shared/eval/public.jsonl).
     #[arg(long)]
     ablation: bool,
+    /// Replay the --modes drafters offline over each prompt's greedy continuation, kept in
+    /// this trace file (computed for prompts it lacks): tokens per step and a modelled
+    /// speedup per prompt, without running the target per step. A mode ending in ':nocal'
+    /// gets no calibrated predictions.
+    #[arg(long)]
+    replay: Option<PathBuf>,
+    /// Draft budget of a replayed step: nodes,depth.
+    #[arg(long, value_delimiter = ',', default_values_t = [8u32, 8])]
+    replay_budget: Vec<u32>,
 }
 
 #[derive(Args, Clone)]
@@ -505,6 +514,9 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     let cfg = PluginsConfig::load(config.as_deref())?;
     let mut s = open_session(&cfg, &a.model)?;
     attach_scheduler(&cfg, &mut s, None)?;
+    if let Some(traces) = &a.replay {
+        return cmd_replay(&cfg, &mut s, a, &prompts, traces);
+    }
     let mut modes = if a.ablation {
         workload::ablation_modes(&cfg, &s)?
     } else {
@@ -536,6 +548,62 @@ fn cmd_workload(config: &Option<PathBuf>, a: &BenchArgs, path: &std::path::Path)
     }
     if results.iter().any(|r| !r.identical_to_plain) {
         bail!("some speculative outputs differ from plain greedy output");
+    }
+    Ok(())
+}
+
+fn cmd_replay(cfg: &PluginsConfig, s: &mut coordgen::engine::Session, a: &BenchArgs, prompts: &[coordgen::workload::Prompt], path: &std::path::Path) -> Result<()> {
+    use coordgen::replay;
+    if a.replay_budget.len() != 2 || a.replay_budget.contains(&0) {
+        bail!("--replay-budget takes two positive numbers, nodes,depth (got {:?})", a.replay_budget);
+    }
+    let traces = replay::traces(s, prompts, a.max_tokens, path, &mut |m| eprintln!("{m}"))?;
+    let mut costs = coordgen_interface::CostModel::default();
+    costs.add_calibration(&s.costs.iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
+    let techniques = Techniques::from_config(&cfg.techniques);
+    let stride = techniques.stride(s);
+    let mut results = Vec::new();
+    for name in a.modes.iter().filter(|m| m.as_str() != "plain") {
+        let (spec, cal) = match name.strip_suffix(":nocal") {
+            Some(d) => (d, false),
+            None => (name.as_str(), techniques.calibration),
+        };
+        let mut d = coordgen::plugins::load_drafters(cfg, &spec.replace('+', ","))?;
+        let k = d.calibration_top_k() as usize;
+        let rc = replay::ReplayConfig { max_nodes: a.replay_budget[0], max_depth: a.replay_budget[1], calibration: (cal && k > 0).then_some((k, stride)) };
+        for t in &traces {
+            let r = replay::replay(d.as_mut(), name, t, &rc, &costs).with_context(|| format!("prompt {} in mode {name}", t.id))?;
+            let line = format!(
+                "{:<45} {:<14} {:<18} tokens {:>4} steps {:>4} accepted/step {:>5.2} nodes/step {:>5.2} modelled x{:.2} draft {:.0} ms",
+                r.id, r.category, r.mode, r.tokens, r.steps, r.mean_accepted, r.mean_nodes, r.modelled_speedup, r.draft_ms
+            );
+            if a.json { eprintln!("{line}") } else { println!("{line}") }
+            results.push(r);
+        }
+    }
+    // Per category and for the context-heavy group: mean accepted per step, median modelled speedup.
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<&replay::ReplayResult>> = Default::default();
+    for r in &results {
+        let heavy = coordgen::workload::CONTEXT_HEAVY.contains(&r.category.as_str());
+        for g in [r.category.clone(), if heavy { "context_heavy".into() } else { "other".into() }] {
+            groups.entry((g, r.mode.clone())).or_default().push(r);
+        }
+    }
+    let summary: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|((g, m), rs)| {
+            let mut sp: Vec<f64> = rs.iter().map(|r| r.modelled_speedup).collect();
+            let acc = rs.iter().map(|r| r.mean_accepted).sum::<f64>() / rs.len() as f64;
+            serde_json::json!({"group": g, "mode": m, "prompts": rs.len(), "mean_accepted": acc, "median_modelled_speedup": coordgen::bench::median(&mut sp)})
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::json!({"model": a.model.model, "max_tokens": a.max_tokens, "budget": a.replay_budget, "calibration_stride": stride, "replay": results, "summary": summary}));
+    } else {
+        println!("\n{:<16} {:<18} {:>7} {:>9} {:>11}", "group", "mode", "prompts", "acc/step", "modelled x");
+        for v in &summary {
+            println!("{:<16} {:<18} {:>7} {:>9.2} {:>11.2}", v["group"].as_str().unwrap_or(""), v["mode"].as_str().unwrap_or(""), v["prompts"], v["mean_accepted"].as_f64().unwrap_or(0.0), v["median_modelled_speedup"].as_f64().unwrap_or(0.0));
+        }
     }
     Ok(())
 }

@@ -1,0 +1,227 @@
+//! `coordgen bench --workload FILE --replay TRACES`: offline evaluation of drafters.
+//!
+//! Greedy output is deterministic, so each prompt's plain continuation, with the target's
+//! top predictions at every prompt position, is computed once and kept in a trace file.
+//! A drafter is then replayed against it without running the target: each step proposes
+//! from the true sequence, the longest tree path that the continuation follows is what
+//! verification would accept, and the step advances by that plus the target's own token.
+//! This measures the drafter alone, at a fixed budget (no reuse, no scheduler), in seconds
+//! instead of the minutes a live run takes, so drafting ideas can be compared on every
+//! prompt; the live figures come from `--workload` and `--ablation`.
+//!
+//! Per prompt it reports tokens per step and a modelled speedup: the cost model's latency
+//! of one token times the tokens, over the modelled latency of each step's batch (the
+//! pending token plus the drafted nodes) plus the measured drafting time.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use coordgen_interface::CostModel;
+use serde::{Deserialize, Serialize};
+
+use crate::chat::Message;
+use crate::engine::{GenerateParams, Session};
+use crate::plugins::{Draft, Drafter, Feedback, Predictions};
+use crate::workload::Prompt;
+
+/// Top predictions kept per prompt position in a trace.
+pub const TRACE_TOP_K: usize = 4;
+
+/// One prompt's greedy continuation and the target's predictions over the prompt.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Trace {
+    pub id: String,
+    pub category: String,
+    pub prompt: Vec<u32>,
+    pub output: Vec<u32>,
+    /// Top-[`TRACE_TOP_K`] tokens and probabilities at every prompt position.
+    pub top_tokens: Vec<u32>,
+    pub top_probs: Vec<f32>,
+}
+
+/// What a trace file was made with; traces of another model or length are recomputed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Header {
+    model: String,
+    max_tokens: usize,
+    top_k: usize,
+}
+
+/// Loads the traces of `prompts` from `path`, computing (and appending) the ones missing.
+pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vec<Trace>> {
+    let header = Header { model: s.model_path.display().to_string(), max_tokens, top_k: TRACE_TOP_K };
+    let mut have: BTreeMap<String, Trace> = BTreeMap::new();
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let mut lines = text.lines();
+        let same = lines.next().and_then(|l| serde_json::from_str::<Header>(l).ok()).is_some_and(|h| h == header);
+        if same {
+            for (i, l) in lines.enumerate() {
+                let t: Trace = serde_json::from_str(l).with_context(|| format!("{} line {}: not a trace", path.display(), i + 2))?;
+                have.insert(t.id.clone(), t);
+            }
+        }
+    }
+    let fresh = have.is_empty();
+    let mut out = Vec::new();
+    let mut added = Vec::new();
+    for p in prompts {
+        if let Some(t) = have.get(&p.id) {
+            out.push(t.clone());
+            continue;
+        }
+        progress(&format!("tracing {} ({})", p.id, p.category));
+        let t = trace(s, p, max_tokens)?;
+        added.push(t.clone());
+        out.push(t);
+    }
+    if !added.is_empty() {
+        let mut f = if fresh {
+            let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+            writeln!(f, "{}", serde_json::to_string(&header)?)?;
+            for t in have.values() {
+                writeln!(f, "{}", serde_json::to_string(t)?)?;
+            }
+            f
+        } else {
+            std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot append to {}", path.display()))?
+        };
+        for t in &added {
+            writeln!(f, "{}", serde_json::to_string(t)?)?;
+        }
+    }
+    Ok(out)
+}
+
+fn trace(s: &mut Session, p: &Prompt, max_tokens: usize) -> Result<Trace> {
+    let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
+    let prompt = s.tok.encode(&text, true)?;
+    s.reset()?;
+    s.prefill_with(&prompt, Some((TRACE_TOP_K, 1))).with_context(|| format!("prompt {}", p.id))?;
+    let mut pr = s.predictions.clone();
+    pr.truncate_positions(prompt.len() as u32);
+    if pr.positions.len() != prompt.len() {
+        bail!("prompt {}: predictions at {} of {} positions", p.id, pr.positions.len(), prompt.len());
+    }
+    let drafter = s.drafter.take();
+    let g = s.generate(&prompt, &GenerateParams { max_tokens, ..Default::default() }, &mut |_| {});
+    s.drafter = drafter;
+    let g = g.with_context(|| format!("prompt {}", p.id))?;
+    Ok(Trace { id: p.id.clone(), category: p.category.clone(), prompt, output: g.tokens, top_tokens: pr.tokens, top_probs: pr.probs })
+}
+
+/// How a drafter is replayed.
+#[derive(Clone, Debug)]
+pub struct ReplayConfig {
+    pub max_nodes: u32,
+    pub max_depth: u32,
+    /// Top-k and stride of the predictions handed to drafters that ask for calibration
+    /// (None = no calibration).
+    pub calibration: Option<(usize, u32)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplayResult {
+    pub id: String,
+    pub category: String,
+    pub mode: String,
+    pub tokens: usize,
+    pub steps: usize,
+    /// Drafted tokens accepted per step.
+    pub mean_accepted: f64,
+    /// Nodes drafted per step.
+    pub mean_nodes: f64,
+    /// Modelled decode speedup over plain (see the module header).
+    pub modelled_speedup: f64,
+    pub draft_ms: f64,
+}
+
+/// The draft nodes (root to leaf) that the continuation `truth` follows in `d`: what
+/// greedy verification accepts.
+pub fn accepted_path(d: &Draft, truth: &[u32]) -> Vec<u32> {
+    let mut path = Vec::new();
+    let mut at = -1i32;
+    while path.len() < truth.len() {
+        match (0..d.tokens.len()).find(|&i| d.parents[i] == at && d.tokens[i] == truth[path.len()]) {
+            Some(i) => {
+                at = i as i32;
+                path.push(i as u32);
+            }
+            None => break,
+        }
+    }
+    path
+}
+
+/// Replays `d` over trace `t` (see the module header).
+pub fn replay(d: &mut dyn Drafter, mode: &str, t: &Trace, c: &ReplayConfig, costs: &CostModel) -> Result<ReplayResult> {
+    let k = TRACE_TOP_K;
+    d.begin(&t.prompt)?;
+    if let Some((want_k, stride)) = c.calibration {
+        if d.calibration_top_k() > 0 {
+            let want_k = want_k.clamp(1, k);
+            let mut pr = Predictions { k: want_k, ..Default::default() };
+            for pos in (0..t.prompt.len()).filter(|p| p % stride.max(1) as usize == 0) {
+                pr.positions.push(pos as u32);
+                pr.tokens.extend_from_slice(&t.top_tokens[pos * k..pos * k + want_k]);
+                pr.probs.extend_from_slice(&t.top_probs[pos * k..pos * k + want_k]);
+            }
+            d.calibrate(&pr)?;
+        }
+    }
+    let out = &t.output;
+    let mut r = ReplayResult { id: t.id.clone(), category: t.category.clone(), mode: mode.into(), tokens: out.len(), steps: 0, mean_accepted: 0.0, mean_nodes: 0.0, modelled_speedup: 1.0, draft_ms: 0.0 };
+    if out.is_empty() {
+        d.finish()?;
+        return Ok(r);
+    }
+    d.observe(&Feedback { accepted: vec![out[0]], ..Default::default() })?;
+    let mut seq: Vec<u32> = t.prompt.iter().chain(&out[..1]).copied().collect();
+    let (mut pos, mut accepted, mut nodes, mut spec_ms, mut plain_ms) = (1usize, 0usize, 0usize, 0.0f64, 0.0f64);
+    while pos < out.len() {
+        let ctx = seq.len() as u32;
+        let t0 = Instant::now();
+        let draft = d.propose(&seq, c.max_nodes, c.max_depth)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        // The pending token is out[pos - 1] (already in `seq`); the batch verifies it and the
+        // draft, and the target's own token follows the accepted path.
+        let mut path = accepted_path(&draft, &out[pos..]);
+        path.truncate(out.len() - pos - 1);
+        let a = path.len();
+        let n = a + 1;
+        r.draft_ms += ms;
+        spec_ms += costs.latency(draft.tokens.len() as u32 + 1, ctx) + ms;
+        for i in 0..n {
+            plain_ms += costs.latency(1, ctx + i as u32);
+        }
+        accepted += a;
+        nodes += draft.tokens.len();
+        r.steps += 1;
+        d.observe(&Feedback { accepted: out[pos..pos + n].to_vec(), n_accepted_draft: a as u32, n_drafted: draft.tokens.len() as u32, accepted_nodes: path })?;
+        seq.extend_from_slice(&out[pos..pos + n]);
+        pos += n;
+    }
+    d.finish()?;
+    r.mean_accepted = accepted as f64 / r.steps.max(1) as f64;
+    r.mean_nodes = nodes as f64 / r.steps.max(1) as f64;
+    r.modelled_speedup = if spec_ms > 0.0 { plain_ms / spec_ms } else { 1.0 };
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_accepted_length_follows_the_matching_branch() {
+        // Roots 5 and 7; 7 -> 8 -> 9, 7 -> 3.
+        let d = Draft { tokens: vec![5, 7, 8, 3, 9], parents: vec![-1, -1, 1, 1, 2], scores: vec![0.0; 5] };
+        assert_eq!(accepted_path(&d, &[7, 8, 9, 1]), vec![1, 2, 4]);
+        assert_eq!(accepted_path(&d, &[7, 3, 9]), vec![1, 3]);
+        assert_eq!(accepted_path(&d, &[5, 8]), vec![0]);
+        assert!(accepted_path(&d, &[6]).is_empty());
+        assert!(accepted_path(&d, &[]).is_empty());
+    }
+}
