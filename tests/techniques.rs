@@ -10,7 +10,7 @@ use std::sync::Once;
 use coordgen::chat::Message;
 use coordgen::config::PluginsConfig;
 use coordgen::engine::{GenerateParams, Session, Techniques};
-use coordgen::{calibrate, plugins, scheduler, workload};
+use coordgen::{calibrate, plugins, replay, scheduler, workload};
 use coordgen_tests::*;
 
 const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -180,4 +180,61 @@ fn bad_scheduler_configuration_is_named() {
     let cfg = config(&dir, "");
     let e = scheduler::load_scheduler(&cfg, "ngram").err().unwrap().to_string();
     assert!(e.contains("not a scheduler"), "{e}");
+}
+
+#[test]
+fn replayed_drafting_matches_live_verification_at_the_same_budget() {
+    let _c = cache();
+    let dir = temp_dir("techniques-replay");
+    let cfg = config(&dir, "");
+    let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 2048).unwrap();
+    s.set_scheduler(scheduler::load_scheduler(&cfg, "adaptive").unwrap()).unwrap();
+    let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
+    let prompts = vec![workload::Prompt { id: "sum".into(), category: "summarization".into(), prompt: format!("Summarize the following text, quoting its key sentences.\n\n{}", &doc[..1800]) }];
+    let path = dir.join("traces.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let mut traced = 0;
+    let t = replay::traces(&mut s, &prompts, 48, &path, &mut |_| traced += 1).unwrap();
+    assert_eq!(traced, 1);
+    assert_eq!(t[0].top_tokens.len(), t[0].prompt.len() * replay::TRACE_TOP_K);
+    // A second call reads the trace file instead of running the model.
+    let mut again = 0;
+    let t2 = replay::traces(&mut s, &prompts, 48, &path, &mut |_| again += 1).unwrap();
+    assert_eq!((again, &t2[0].output), (0, &t[0].output));
+    // The live run at a fixed budget, no reuse or calibration, is what the replay predicts:
+    // the same drafter sees the same sequences, so it drafts the same trees.
+    let budget = (4u32, 4u32);
+    s.set_drafter(Some(plugins::load_drafters(&cfg, "retrieval").unwrap())).unwrap();
+    let params = GenerateParams { max_tokens: 48, draft_budget: Some(budget), techniques: Techniques::none(), ..Default::default() };
+    let g = s.generate(&t[0].prompt, &params, &mut |_| {}).unwrap();
+    assert_eq!(g.tokens, t[0].output);
+    let live = g.spec.unwrap();
+    let mut d = plugins::load_drafters(&cfg, "retrieval").unwrap();
+    let mut costs = coordgen_interface::CostModel::default();
+    costs.add_calibration(&s.costs.iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
+    let rc = replay::ReplayConfig { max_nodes: budget.0, max_depth: budget.1, calibration: None };
+    let r = replay::replay(d.as_mut(), "retrieval", &t[0], &rc, &costs).unwrap();
+    assert!(live.accepted > 0, "{live:?}");
+    assert_eq!((r.steps as u64, (r.mean_accepted * r.steps as f64).round() as u64), (live.steps, live.accepted), "{live:?} vs {r:?}");
+    assert!(r.modelled_speedup > 0.0);
+    // With calibrated predictions (every 2nd prompt position) too: the trace's predictions
+    // are the ones the live prefill computes.
+    let cal = Techniques { calibration: true, calibration_stride: 2, ..Techniques::none() };
+    // A fresh drafter (the last one keeps the response in its history) and cache (the
+    // cached prompt kept the uncalibrated run's empty predictions).
+    s.reset().unwrap();
+    s.set_drafter(Some(plugins::load_drafters(&cfg, "retrieval").unwrap())).unwrap();
+    let g = s.generate(&t[0].prompt, &GenerateParams { techniques: cal, ..params }, &mut |_| {}).unwrap();
+    assert_eq!(g.tokens, t[0].output);
+    let live = g.spec.unwrap();
+    assert_eq!(live.calibrated_positions, t[0].prompt.len().div_ceil(2));
+    let mut d = plugins::load_drafters(&cfg, "retrieval").unwrap();
+    let k = d.calibration_top_k() as usize;
+    let rc = replay::ReplayConfig { calibration: Some((k, 2)), ..rc };
+    let r = replay::replay(d.as_mut(), "retrieval", &t[0], &rc, &costs).unwrap();
+    assert_eq!((r.steps as u64, (r.mean_accepted * r.steps as f64).round() as u64), (live.steps, live.accepted), "{live:?} vs {r:?}");
+    // A damaged trace file is an error naming it, not a panic.
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("\"output\"", "\"outptu\"")).unwrap();
+    let e = replay::traces(&mut s, &prompts, 48, &path, &mut |_| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("traces.jsonl line 2"), "{e:#}");
 }

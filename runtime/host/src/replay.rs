@@ -60,6 +60,10 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
         if same {
             for (i, l) in lines.enumerate() {
                 let t: Trace = serde_json::from_str(l).with_context(|| format!("{} line {}: not a trace", path.display(), i + 2))?;
+                let k = t.prompt.len() * TRACE_TOP_K;
+                if t.top_tokens.len() != k || t.top_probs.len() != k {
+                    bail!("{} line {}: {} predictions for a {}-token prompt (want {} per position)", path.display(), i + 2, t.top_tokens.len(), t.prompt.len(), TRACE_TOP_K);
+                }
                 have.insert(t.id.clone(), t);
             }
         }
@@ -187,10 +191,11 @@ pub fn replay(d: &mut dyn Drafter, mode: &str, t: &Trace, c: &ReplayConfig, cost
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         // The pending token is out[pos - 1] (already in `seq`); the batch verifies it and the
         // draft, and the target's own token follows the accepted path.
-        let mut path = accepted_path(&draft, &out[pos..]);
-        path.truncate(out.len() - pos - 1);
+        // At the end of the output the accepted drafts may be all that is left (the target's
+        // own token then falls past the limit, as in a live run).
+        let path = accepted_path(&draft, &out[pos..]);
         let a = path.len();
-        let n = a + 1;
+        let n = (a + 1).min(out.len() - pos);
         r.draft_ms += ms;
         spec_ms += costs.latency(draft.tokens.len() as u32 + 1, ctx) + ms;
         for i in 0..n {
