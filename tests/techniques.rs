@@ -201,6 +201,12 @@ fn replayed_drafting_matches_live_verification_at_the_same_budget() {
     let mut again = 0;
     let t2 = replay::traces(&mut s, &prompts, 48, &path, &mut |_| again += 1).unwrap();
     assert_eq!((again, &t2[0].output), (0, &t[0].output));
+    // A prompt whose text changed under the same id is traced again.
+    let changed = vec![workload::Prompt { prompt: format!("{} Be brief.", prompts[0].prompt), ..prompts[0].clone() }];
+    let mut retraced = 0;
+    let t3 = replay::traces(&mut s, &changed, 48, &path, &mut |_| retraced += 1).unwrap();
+    assert_eq!(retraced, 1);
+    assert_ne!(t3[0].prompt, t[0].prompt);
     // The live run at a fixed budget, no reuse or calibration, is what the replay predicts:
     // the same drafter sees the same sequences, so it drafts the same trees.
     let budget = (4u32, 4u32);

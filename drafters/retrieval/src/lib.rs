@@ -86,8 +86,13 @@ pub struct RetrievalDrafter {
     preds: HashMap<u32, (Vec<u32>, Vec<f32>)>,
     /// Acceptance by match length and the model's view, learned from verifications.
     acceptance: Acceptance,
-    /// The last proposed tree's nodes: (parent, cell), for learning from its verification.
-    last_tree: Vec<(i32, Cell)>,
+    /// Recent proposals, for learning from their verification: the length of the sequence
+    /// each was proposed for, and its nodes' (parent, cell). A drafter asked to draft ahead
+    /// (overlapped drafting) proposes for a longer, speculative sequence before the current
+    /// step's feedback arrives, so the verified tree is found by its sequence length.
+    proposals: Vec<(usize, Vec<(i32, Cell)>)>,
+    /// Length of the sequence as the feedback so far confirms it (prompt + accepted tokens).
+    confirmed: usize,
 }
 
 pub fn create(options: &str) -> Result<RetrievalDrafter, String> {
@@ -102,7 +107,8 @@ pub fn create(options: &str) -> Result<RetrievalDrafter, String> {
         prompt_len: 0,
         preds: HashMap::new(),
         acceptance: Acceptance::default(),
-        last_tree: Vec::new(),
+        proposals: Vec::new(),
+        confirmed: 0,
     })
 }
 
@@ -246,6 +252,8 @@ impl RetrievalDrafter {
 impl DraftSource for RetrievalDrafter {
     fn begin(&mut self, prompt: &[u32]) -> Result<(), String> {
         self.preds.clear();
+        self.proposals.clear();
+        self.confirmed = prompt.len();
         self.prompt_len = prompt.len();
         self.rebuild(prompt);
         Ok(())
@@ -301,8 +309,15 @@ impl DraftSource for RetrievalDrafter {
             }
         }
         let mut tb = TreeBuilder::new(budget);
-        self.last_tree.clear();
+        // A later proposal for the same sequence replaces an earlier one (the host may ask
+        // for one token first, to learn the draft's confidence, then for the whole tree).
+        self.proposals.retain(|p| p.0 != seq.len());
+        if self.proposals.len() >= 2 {
+            self.proposals.remove(0);
+        }
+        let mut nodes: Vec<(i32, Cell)> = Vec::new();
         if roots.is_empty() {
+            self.proposals.push((seq.len(), nodes));
             return Ok(tb.build());
         }
         // Best-first by the estimated probability that the path is accepted: the tree holds
@@ -317,25 +332,31 @@ impl DraftSource for RetrievalDrafter {
                 break;
             }
             let Some(idx) = tb.add(c.parent, c.token, c.score) else { continue };
-            if self.last_tree.len() <= idx {
-                self.last_tree.resize(idx + 1, (-1, c.cell));
+            if nodes.len() <= idx {
+                nodes.resize(idx + 1, (-1, c.cell));
             }
-            self.last_tree[idx] = (c.parent, c.cell);
+            nodes[idx] = (c.parent, c.cell);
             for k in self.children(&c.handles) {
                 heap.push(Candidate { score: c.score * k.p, cell: k.cell, parent: idx as i32, token: k.token, handles: k.handles });
             }
         }
+        self.proposals.push((seq.len(), nodes));
         Ok(tb.build())
     }
 
     fn observe(&mut self, f: &DraftFeedback) -> Result<(), String> {
-        // Learn from the verification of the tree proposed last (a feedback that drafted
-        // nothing, or one for another proposal, has no nodes of it).
-        if f.n_drafted > 0 && !self.last_tree.is_empty() {
-            let nodes = std::mem::take(&mut self.last_tree);
-            let accepted: Vec<u32> = f.accepted_nodes.iter().copied().take_while(|&i| (i as usize) < nodes.len()).collect();
-            self.acceptance.record(&nodes, &accepted);
+        // Learn from the verification of the tree proposed for the confirmed sequence (none
+        // when the step drafted nothing).
+        let at = self.confirmed;
+        self.confirmed += f.accepted.len();
+        if let Some(i) = self.proposals.iter().position(|p| p.0 == at) {
+            let (_, nodes) = self.proposals.remove(i);
+            if f.n_drafted > 0 && !nodes.is_empty() {
+                let accepted: Vec<u32> = f.accepted_nodes.iter().copied().take_while(|&i| (i as usize) < nodes.len()).collect();
+                self.acceptance.record(&nodes, &accepted);
+            }
         }
+        self.proposals.retain(|p| p.0 > at);
         Ok(())
     }
 
@@ -402,13 +423,38 @@ mod tests {
         d.begin(&prompt).unwrap();
         let b = DraftBudget { max_nodes: 3, max_depth: 3 };
         let first = d.propose(&prompt, b).unwrap().scores[0];
-        // Every time, the first drafted token is rejected.
+        // Request after request, the first drafted token (3) is rejected: the target says 5.
         for _ in 0..30 {
+            d.begin(&prompt).unwrap();
             let t = d.propose(&prompt, b).unwrap();
-            d.observe(&DraftFeedback { accepted: vec![].into(), n_accepted_draft: 0, n_drafted: t.tokens.len() as u32, accepted_nodes: vec![].into() }).unwrap();
+            d.observe(&DraftFeedback { accepted: vec![5].into(), n_accepted_draft: 0, n_drafted: t.tokens.len() as u32, accepted_nodes: vec![].into() }).unwrap();
         }
+        d.begin(&prompt).unwrap();
         let after = d.propose(&prompt, b).unwrap().scores[0];
         assert!(after < 0.5 * first, "{first} -> {after}");
+    }
+
+    #[test]
+    fn a_tree_drafted_ahead_does_not_take_the_verified_trees_feedback() {
+        let prompt = [1, 2, 3, 4, 7, 8, 9, 1, 2];
+        let mut d = create("{}").unwrap();
+        let b = DraftBudget { max_nodes: 3, max_depth: 3 };
+        d.begin(&prompt).unwrap();
+        let first = d.propose(&prompt, b).unwrap().scores[0];
+        for _ in 0..30 {
+            d.begin(&prompt).unwrap();
+            // The verified tree (3 4 7 after "1 2"), then one drafted ahead from the end of
+            // its main path ("... 1 2 3 4" matches 4 tokens), then the verification's
+            // feedback: 3 accepted, the target's own token 5.
+            let t = d.propose(&prompt, b).unwrap();
+            assert_eq!(t.tokens[0], 3);
+            let ahead: Vec<u32> = prompt.iter().copied().chain([3, 4]).collect();
+            d.propose(&ahead, b).unwrap();
+            d.observe(&DraftFeedback { accepted: vec![3, 5].into(), n_accepted_draft: 1, n_drafted: 3, accepted_nodes: vec![0].into() }).unwrap();
+        }
+        d.begin(&prompt).unwrap();
+        let after = d.propose(&prompt, b).unwrap().scores[0];
+        assert!(after > first + 0.2, "the verified tree's first token was accepted every time: {first} -> {after}");
     }
 
     #[test]

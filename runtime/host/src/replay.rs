@@ -50,7 +50,8 @@ struct Header {
     top_k: usize,
 }
 
-/// Loads the traces of `prompts` from `path`, computing (and appending) the ones missing.
+/// Loads the traces of `prompts` from `path`, computing (and appending) the ones missing or
+/// made from another text.
 pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vec<Trace>> {
     let header = Header { model: s.model_path.display().to_string(), max_tokens, top_k: TRACE_TOP_K };
     let mut have: BTreeMap<String, Trace> = BTreeMap::new();
@@ -72,12 +73,15 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
     let mut out = Vec::new();
     let mut added = Vec::new();
     for p in prompts {
-        if let Some(t) = have.get(&p.id) {
+        let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
+        let prompt = s.tok.encode(&text, true)?;
+        // A trace of another text under the same id is stale (a later line replaces it).
+        if let Some(t) = have.get(&p.id).filter(|t| t.prompt == prompt) {
             out.push(t.clone());
             continue;
         }
         progress(&format!("tracing {} ({})", p.id, p.category));
-        let t = trace(s, p, max_tokens)?;
+        let t = trace(s, p, prompt, max_tokens)?;
         added.push(t.clone());
         out.push(t);
     }
@@ -99,9 +103,7 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
     Ok(out)
 }
 
-fn trace(s: &mut Session, p: &Prompt, max_tokens: usize) -> Result<Trace> {
-    let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
-    let prompt = s.tok.encode(&text, true)?;
+fn trace(s: &mut Session, p: &Prompt, prompt: Vec<u32>, max_tokens: usize) -> Result<Trace> {
     s.reset()?;
     s.prefill_with(&prompt, Some((TRACE_TOP_K, 1))).with_context(|| format!("prompt {}", p.id))?;
     let mut pr = s.predictions.clone();
