@@ -239,6 +239,12 @@ fn replayed_drafting_matches_live_verification_at_the_same_budget() {
     let rc = replay::ReplayConfig { calibration: Some((k, 2)), ..rc };
     let r = replay::replay(d.as_mut(), "retrieval", &t[0], &rc, &costs).unwrap();
     assert_eq!((r.steps as u64, (r.mean_accepted * r.steps as f64).round() as u64), (live.steps, live.accepted), "{live:?} vs {r:?}");
+    // A file that is not a trace file is never overwritten.
+    let other = dir.join("notes.txt");
+    std::fs::write(&other, "my notes\n").unwrap();
+    let e = replay::traces(&mut s, &prompts, 48, &other, &mut |_| {}).unwrap_err();
+    assert!(format!("{e:#}").contains("is not a trace file"), "{e:#}");
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "my notes\n");
     // A damaged trace file is an error naming it, not a panic.
     std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("\"output\"", "\"outptu\"")).unwrap();
     let e = replay::traces(&mut s, &prompts, 48, &path, &mut |_| {}).unwrap_err();

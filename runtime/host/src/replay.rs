@@ -57,8 +57,13 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
     let mut have: BTreeMap<String, Trace> = BTreeMap::new();
     if let Ok(text) = std::fs::read_to_string(path) {
         let mut lines = text.lines();
-        let same = lines.next().and_then(|l| serde_json::from_str::<Header>(l).ok()).is_some_and(|h| h == header);
-        if same {
+        // Only a trace file is ever replaced (one made for another model or length is).
+        let found = match lines.next().map(serde_json::from_str::<Header>) {
+            None => None,
+            Some(Ok(h)) => Some(h),
+            Some(Err(_)) => bail!("{} is not a trace file of `coordgen bench --replay` (its first line is not a trace header); name a new file", path.display()),
+        };
+        if found.as_ref() == Some(&header) {
             for (i, l) in lines.enumerate() {
                 let t: Trace = serde_json::from_str(l).with_context(|| format!("{} line {}: not a trace", path.display(), i + 2))?;
                 let k = t.prompt.len() * TRACE_TOP_K;
