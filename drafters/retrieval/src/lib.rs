@@ -1,17 +1,19 @@
 //! The context-retrieval drafter plugin. It keeps a suffix automaton over the prompt and the
 //! text generated so far (grown as the sequence grows) and, optionally, a datastore of the
 //! user's files (`coordgen index DIR -o FILE`). Each proposal finds the longest suffix of
-//! the sequence seen before in either source and grows a token tree best-first: a node's
-//! children are the tokens that followed the matched text, weighted by how often each did
-//! (sources weighted by match length), and the tree keeps the most probable paths.
+//! the sequence seen before in either source and grows a token tree best-first by the
+//! estimated probability that a path is accepted: a node's children are the tokens that
+//! followed the matched text, each weighted by how often it did (sources weighted by match
+//! length) times the estimated acceptance of a token proposed that way ([`confidence`]:
+//! by match length, learned from verifications).
 //!
 //! **Context-aligned drafting.** With calibration on, the host hands over the target model's
 //! top predictions at prompt positions, computed during its prefill. Where a node's match
-//! last occurred at a calibrated position, its children mix the literal continuation counts
-//! with the model's predictions there (half each), and a predicted token that never followed
-//! the match continues from wherever it did occur (the automaton's suffix links), so drafts
-//! follow how the model will phrase the context, not only its literal text. Responses of
-//! earlier requests of the same session stay in the automaton as well.
+//! last occurred at a calibrated position, the target's probability of each continuation
+//! there refines its estimate (a copy the model itself expects is accepted far more often),
+//! and a predicted token that never followed the match is added as a low-weight
+//! alternative that continues from wherever it did occur (the automaton's suffix links).
+//! Responses of earlier requests of the same session stay in the automaton as well.
 
 pub mod confidence;
 pub mod sam;
