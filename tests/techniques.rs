@@ -216,8 +216,7 @@ fn replayed_drafting_matches_live_verification_at_the_same_budget() {
     assert_eq!(g.tokens, t[0].output);
     let live = g.spec.unwrap();
     let mut d = plugins::load_drafters(&cfg, "retrieval").unwrap();
-    let mut costs = coordgen_interface::CostModel::default();
-    costs.add_calibration(&s.costs.iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
+    let costs = replay::verify_costs(&s);
     let rc = replay::ReplayConfig { max_nodes: budget.0, max_depth: budget.1, calibration: None };
     let r = replay::replay(d.as_mut(), "retrieval", &t[0], &rc, &costs).unwrap();
     assert!(live.accepted > 0, "{live:?}");

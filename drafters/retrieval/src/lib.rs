@@ -317,11 +317,10 @@ impl DraftSource for RetrievalDrafter {
         if self.proposals.len() >= 2 {
             self.proposals.remove(0);
         }
-        let mut nodes: Vec<(i32, Cell)> = Vec::new();
         if roots.is_empty() {
-            self.proposals.push((seq.len(), nodes));
             return Ok(tb.build());
         }
+        let mut nodes: Vec<(i32, Cell)> = Vec::new();
         // Best-first by the estimated probability that the path is accepted: the tree holds
         // the paths most likely to be verified. The host plans the step by the first tokens'
         // scores, which are these estimates too.

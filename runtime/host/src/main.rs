@@ -558,8 +558,7 @@ fn cmd_replay(cfg: &PluginsConfig, s: &mut coordgen::engine::Session, a: &BenchA
         bail!("--replay-budget takes two positive numbers, nodes,depth (got {:?})", a.replay_budget);
     }
     let traces = replay::traces(s, prompts, a.max_tokens, path, &mut |m| eprintln!("{m}"))?;
-    let mut costs = coordgen_interface::CostModel::default();
-    costs.add_calibration(&s.costs.iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
+    let costs = replay::verify_costs(s);
     let techniques = Techniques::from_config(&cfg.techniques);
     let stride = techniques.stride(s);
     let mut results = Vec::new();
@@ -581,28 +580,13 @@ fn cmd_replay(cfg: &PluginsConfig, s: &mut coordgen::engine::Session, a: &BenchA
             results.push(r);
         }
     }
-    // Per category and for the context-heavy group: mean accepted per step, median modelled speedup.
-    let mut groups: std::collections::BTreeMap<(String, String), Vec<&replay::ReplayResult>> = Default::default();
-    for r in &results {
-        let heavy = coordgen::workload::CONTEXT_HEAVY.contains(&r.category.as_str());
-        for g in [r.category.clone(), if heavy { "context_heavy".into() } else { "other".into() }] {
-            groups.entry((g, r.mode.clone())).or_default().push(r);
-        }
-    }
-    let summary: Vec<serde_json::Value> = groups
-        .iter()
-        .map(|((g, m), rs)| {
-            let mut sp: Vec<f64> = rs.iter().map(|r| r.modelled_speedup).collect();
-            let acc = rs.iter().map(|r| r.mean_accepted).sum::<f64>() / rs.len() as f64;
-            serde_json::json!({"group": g, "mode": m, "prompts": rs.len(), "mean_accepted": acc, "median_modelled_speedup": coordgen::bench::median(&mut sp)})
-        })
-        .collect();
+    let summary = replay::summarize(&results);
     if a.json {
         println!("{}", serde_json::json!({"model": a.model.model, "max_tokens": a.max_tokens, "budget": a.replay_budget, "calibration_stride": stride, "replay": results, "summary": summary}));
     } else {
         println!("\n{:<16} {:<18} {:>7} {:>9} {:>11}", "group", "mode", "prompts", "acc/step", "modelled x");
-        for v in &summary {
-            println!("{:<16} {:<18} {:>7} {:>9.2} {:>11.2}", v["group"].as_str().unwrap_or(""), v["mode"].as_str().unwrap_or(""), v["prompts"], v["mean_accepted"].as_f64().unwrap_or(0.0), v["median_modelled_speedup"].as_f64().unwrap_or(0.0));
+        for g in &summary {
+            println!("{:<16} {:<18} {:>7} {:>9.2} {:>11.2}", g.group, g.mode, g.prompts, g.mean_accepted, g.median_modelled_speedup);
         }
     }
     Ok(())

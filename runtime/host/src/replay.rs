@@ -20,12 +20,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use coordgen_interface::CostModel;
+
+use crate::bench::median;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::Message;
 use crate::engine::{GenerateParams, Session};
 use crate::plugins::{Draft, Drafter, Feedback, Predictions};
-use crate::workload::Prompt;
+use crate::workload::{group_of, Prompt};
 
 /// Top predictions kept per prompt position in a trace.
 pub const TRACE_TOP_K: usize = 4;
@@ -147,6 +149,42 @@ pub struct ReplayResult {
     /// Modelled decode speedup over plain (see the module header).
     pub modelled_speedup: f64,
     pub draft_ms: f64,
+}
+
+/// The session's verify cost model (calibration samples with logits for every row), which
+/// prices each replayed step's batch.
+pub fn verify_costs(s: &Session) -> CostModel {
+    let mut m = CostModel::default();
+    m.add_calibration(&s.costs.iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
+    m
+}
+
+/// A mode's figures over a category or over the context-heavy or other group.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplaySummary {
+    pub group: String,
+    pub mode: String,
+    pub prompts: usize,
+    pub mean_accepted: f64,
+    pub median_modelled_speedup: f64,
+}
+
+/// Per category and for the context-heavy group and the others.
+pub fn summarize(results: &[ReplayResult]) -> Vec<ReplaySummary> {
+    let mut groups: BTreeMap<(String, String), Vec<&ReplayResult>> = BTreeMap::new();
+    for r in results {
+        for g in [r.category.clone(), group_of(&r.category).into()] {
+            groups.entry((g, r.mode.clone())).or_default().push(r);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((group, mode), rs)| {
+            let mut sp: Vec<f64> = rs.iter().map(|r| r.modelled_speedup).collect();
+            let mean_accepted = rs.iter().map(|r| r.mean_accepted).sum::<f64>() / rs.len() as f64;
+            ReplaySummary { group, mode, prompts: rs.len(), mean_accepted, median_modelled_speedup: median(&mut sp) }
+        })
+        .collect()
 }
 
 /// The draft nodes (root to leaf) that the continuation `truth` follows in `d`: what

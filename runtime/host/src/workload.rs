@@ -286,12 +286,20 @@ pub struct GroupSummary {
     pub identical: usize,
 }
 
+/// The summary group of a category besides its own: `context_heavy` or `other`.
+pub fn group_of(category: &str) -> &'static str {
+    if CONTEXT_HEAVY.contains(&category) {
+        "context_heavy"
+    } else {
+        "other"
+    }
+}
+
 /// Per category, for the context-heavy group and the others, and over all prompts.
 pub fn summarize(results: &[ModeResult]) -> Vec<GroupSummary> {
     let mut groups: BTreeMap<(String, String), Vec<&ModeResult>> = BTreeMap::new();
     for r in results {
-        let heavy = CONTEXT_HEAVY.contains(&r.category.as_str());
-        for g in [r.category.clone(), if heavy { "context_heavy".into() } else { "other".into() }, "all".into()] {
+        for g in [r.category.clone(), group_of(&r.category).into(), "all".into()] {
             groups.entry((g, r.mode.clone())).or_default().push(r);
         }
     }
