@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The project's test command (CI runs exactly this through .ci/run).
 # Fetches the two small real models if absent, builds the workspace once (dev profile,
-# optimised), then runs every test.
+# optimised), runs every test, then builds the CPU backend for aarch64 and runs its tests
+# under emulation (scripts/test_aarch64.sh; COORDGEN_SKIP_AARCH64=1 skips that part).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch_models.sh smollm2
 scripts/fetch_models.sh qwen-0.5b
 cargo build --workspace --all-targets
 cargo test --workspace
+if [ "${COORDGEN_SKIP_AARCH64:-0}" = 1 ]; then
+    echo "test.sh: COORDGEN_SKIP_AARCH64=1: the aarch64 build and tests were skipped" >&2
+else
+    scripts/test_aarch64.sh
+fi

@@ -6,6 +6,8 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 pub mod attn_x86;
 pub mod forward;
+#[cfg(test)]
+mod isa_forward_tests;
 pub mod kv;
 pub mod model;
 pub mod ops;

@@ -1097,6 +1097,10 @@ mod tests {
                 v.push(Isa::Avx512);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Isa::Neon);
+        }
         v
     }
 

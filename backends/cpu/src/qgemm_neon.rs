@@ -19,8 +19,10 @@
 //!
 //! This file is compiled for aarch64 and, in tests on other machines, against the
 //! plain-Rust stand-ins of [`crate::neon_emu`], which test the kernel's logic against the
-//! oracle here; the `sdot` inline assembly and the intrinsics' code generation are only
-//! exercised on aarch64 itself.
+//! oracle on any machine. `scripts/test_aarch64.sh` (part of the test command) builds it for
+//! aarch64 and runs the backend's tests under qemu-user, on an emulated CPU with the
+//! dot-product extension and on one without, so the `sdot` assembly and the intrinsics'
+//! code generation are checked there too (for results, not speed).
 
 #[cfg(target_arch = "aarch64")]
 use core::arch::aarch64::*;
@@ -179,6 +181,17 @@ pub unsafe fn dot_tokens_with<D: Dot4>(row: &URow, acts: &QActs, t0: usize, t1: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `scripts/test_aarch64.sh` runs the tests on an emulated CPU with the dot-product
+    /// extension and on one without, and says which in `COORDGEN_EXPECT_DOTPROD`: both
+    /// kernels are then known to have run (the `sdot` one is skipped where it cannot run).
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn dotprod_detection_matches_the_emulated_cpu() {
+        if let Ok(want) = std::env::var("COORDGEN_EXPECT_DOTPROD") {
+            assert_eq!(has_dotprod(), want == "1", "COORDGEN_EXPECT_DOTPROD={want}");
+        }
+    }
     use crate::qgemm::{dot_scalar, is_quantized, unpack_row};
     use crate::testdata::signal;
     use coordgen_model::quant::{quantize_row, GgmlType};

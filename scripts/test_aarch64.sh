@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the CPU backend's unit tests for aarch64 and runs them under qemu-user, on an
+# emulated CPU with the dot-product extension (`max`: the `sdot` kernel) and on one without
+# it (`cortex-a53`, Armv8.0: the widening-multiply kernel), so the NEON paths are compiled
+# for their real target and checked against the scalar oracle on every test run.
+#
+# The rustup toolchain here has no aarch64 standard library, so this uses Debian's
+# `rustc-web`/`cargo-web` with `libstd-rust-web-dev:arm64`, the cross linker and qemu-user,
+# installed with apt when missing (needs root, as on the development and CI machines).
+# The test binary is linked dynamically against Debian's arm64 C library (a multiarch package
+# that libstd-rust-web-dev:arm64 brings), which qemu-user loads from /lib.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO=/usr/bin/cargo
+RUSTC=/usr/bin/rustc
+TARGET=aarch64-unknown-linux-gnu
+
+have_tools() {
+    [ -x "$CARGO" ] && [ -x "$RUSTC" ] && command -v aarch64-linux-gnu-gcc >/dev/null &&
+        command -v qemu-aarch64 >/dev/null && [ -e /lib/ld-linux-aarch64.so.1 ] &&
+        [ -d "$("$RUSTC" --print sysroot)/lib/rustlib/$TARGET/lib" ]
+}
+
+if ! have_tools; then
+    echo "test_aarch64: installing the aarch64 cross toolchain and qemu-user (Debian packages)"
+    if [ "$(id -u)" != 0 ]; then
+        echo "test_aarch64: needs root to install packages (rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user)" >&2
+        exit 1
+    fi
+    dpkg --add-architecture arm64
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu \
+        libc6-dev-arm64-cross qemu-user >/dev/null
+    have_tools || { echo "test_aarch64: the cross toolchain is still incomplete after installing" >&2; exit 1; }
+fi
+
+echo "test_aarch64: $("$RUSTC" --version), $(qemu-aarch64 --version | head -n 1)"
+export RUSTC
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+# A target folder of its own: another compiler's artefacts must not mix with the main build.
+# The plugin itself first (the shared library a host loads, without the test-only stand-ins).
+"$CARGO" build -p coordgen-backend-cpu --lib --target "$TARGET" --target-dir target/aarch64-cross
+so=target/aarch64-cross/$TARGET/debug/libcoordgen_backend_cpu.so
+# ELF e_machine 183 = AArch64.
+python3 -c 'import sys; h = open(sys.argv[1], "rb").read(20); sys.exit(h[:4] != b"\x7fELF" or int.from_bytes(h[18:20], "little") != 183)' "$so" ||
+    { echo "test_aarch64: $so is not an aarch64 shared library" >&2; exit 1; }
+out=$("$CARGO" test -p coordgen-backend-cpu --lib --target "$TARGET" --target-dir target/aarch64-cross \
+    --no-run --message-format=json-render-diagnostics |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "coordgen_backend_cpu":
+        print(m["executable"])')
+[ -n "$out" ] || { echo "test_aarch64: no test binary was built" >&2; exit 1; }
+
+# `max` has the dot-product extension (the `sdot` kernel runs), `cortex-a53` (Armv8.0) has not
+# (the widening-multiply kernel runs); a test checks that detection agrees.
+for cpu in max:1 cortex-a53:0; do
+    echo "test_aarch64: CPU backend unit tests on an emulated ${cpu%:*}"
+    # Each run is bounded: an emulation problem must fail the run, not hang it.
+    COORDGEN_EXPECT_DOTPROD=${cpu#*:} timeout 600 qemu-aarch64 -cpu "${cpu%:*}" "$out"
+done
