@@ -21,6 +21,7 @@ pub mod repack;
 pub mod simd;
 #[doc(hidden)]
 pub mod testdata;
+pub mod topology;
 #[cfg(target_arch = "x86_64")]
 pub mod unpack_x86;
 
@@ -71,9 +72,10 @@ pub struct CpuBackend {
     next_slot: u32,
 }
 
-/// Threads to use by default: one per core the process may run on.
+/// Threads to use by default: one per physical core the process may run on
+/// ([`topology::default_threads`]).
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    topology::default_threads()
 }
 
 impl CpuBackend {
