@@ -123,7 +123,7 @@ struct ModelArgs {
     /// Backend plugin to run the model (default: target_backend of plugins.toml).
     #[arg(long)]
     backend: Option<String>,
-    /// Threads the backend may use (0 = all cores).
+    /// Threads the backend may use (0 = the backend's default: one per physical core for the CPU backend).
     #[arg(long, short = 't', default_value_t = 0)]
     threads: u32,
     /// KV context size (0 = the model's, capped at 8192).
