@@ -29,10 +29,15 @@ if ! have_tools; then
         exit 1
     fi
     dpkg --add-architecture arm64
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu \
-        libc6-dev-arm64-cross qemu-user >/dev/null
+    # Two tries: a mirror's passing hiccup should not fail the whole test run.
+    for try in 1 2; do
+        if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            rustc-web cargo-web libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu \
+            libc6-dev-arm64-cross qemu-user >/dev/null; then
+            break
+        fi
+        [ "$try" = 2 ] || { echo "test_aarch64: apt failed, trying once more in 20 s" >&2; sleep 20; }
+    done
     have_tools || { echo "test_aarch64: the cross toolchain is still incomplete after installing" >&2; exit 1; }
 fi
 
