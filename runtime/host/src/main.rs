@@ -327,7 +327,9 @@ fn open_session(cfg: &PluginsConfig, m: &ModelArgs) -> Result<Session> {
     let s = Session::open(backend, &path, m.ctx_size);
     pb.finish_and_clear();
     let s = s?;
-    tracing::info!(model = %path.display(), arch = %s.model.arch, "model loaded");
+    // Extra bytes: what the backend allocated beyond the mapped file (the CPU backend's
+    // repacked weights, whose mapped pages it releases).
+    tracing::info!(model = %path.display(), arch = %s.model.arch, weight_bytes = s.model.weight_bytes, extra_bytes = s.model.extra_bytes, "model loaded");
     Ok(s)
 }
 
@@ -649,8 +651,16 @@ fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
         "backend": s.backend.name(),
         "threads": threads,
         "weight_bytes": s.model.weight_bytes,
+        "extra_bytes": s.model.extra_bytes,
         "backend_stats": serde_json::from_str::<serde_json::Value>(&s.backend.stats_json()).unwrap_or_default(),
     });
+    if !a.json {
+        println!(
+            "model: {:.0} MB of weights read per token; {:.0} MB allocated by the backend beyond the mapped file (the CPU backend's repacked weights: it releases the mapped pages they replace)",
+            s.model.weight_bytes as f64 / 1e6,
+            s.model.extra_bytes as f64 / 1e6
+        );
+    }
     let (do_widths, do_decode, do_prefill) = (!a.widths.is_empty(), a.decode.is_some(), a.prefill.is_some());
     let widths = if !do_widths && !do_decode && !do_prefill { vec![1, 2, 4, 8, 16, 32, 64] } else { a.widths.clone() };
     if !widths.is_empty() {
