@@ -181,6 +181,9 @@ pub unsafe fn dot_tokens_with<D: Dot4>(row: &URow, acts: &QActs, t0: usize, t1: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qgemm::{dot_scalar, is_quantized, unpack_row};
+    use crate::testdata::signal;
+    use coordgen_model::quant::{quantize_row, GgmlType};
 
     /// `scripts/test_aarch64.sh` runs the tests on an emulated CPU with the dot-product
     /// extension and on one without, and says which in `COORDGEN_EXPECT_DOTPROD`: both
@@ -192,9 +195,6 @@ mod tests {
             assert_eq!(has_dotprod(), want == "1", "COORDGEN_EXPECT_DOTPROD={want}");
         }
     }
-    use crate::qgemm::{dot_scalar, is_quantized, unpack_row};
-    use crate::testdata::signal;
-    use coordgen_model::quant::{quantize_row, GgmlType};
 
     /// Both ways of summing give bitwise the scalar oracle's results, for every quantized
     /// type (Q8_0 exercises the signed split), both activation precisions, several tokens
