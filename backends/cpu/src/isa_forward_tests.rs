@@ -81,19 +81,6 @@ fn write_model(name: &str) -> std::path::PathBuf {
     path
 }
 
-/// The kernel paths this CPU can run, the scalar oracle first.
-fn paths() -> Vec<Isa> {
-    let mut v = vec![Isa::Scalar];
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        v.push(Isa::Avx2);
-    }
-    if !v.contains(&simd::detect()) {
-        v.push(simd::detect());
-    }
-    v
-}
-
 const PROMPT: [u32; 9] = [3, 41, 7, 300, 12, 12, 99, 150, 5];
 
 /// A tree after the prompt: node 0 is the pending token, nodes 1-2 its two children, node 3
@@ -149,7 +136,7 @@ fn every_path_agrees_with_the_scalar_forward() {
         assert!(oracle.iter().all(|x| x.is_finite()));
         let scale = oracle.iter().fold(0f32, |a, x| a.max(x.abs()));
         assert!(scale > 1.0, "logits are degenerate: max |logit| {scale}");
-        for isa in paths() {
+        for isa in simd::test_paths() {
             let got = run(&path, isa, bits, 2);
             let diff = got.iter().zip(&oracle).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
             assert!(diff <= bound * scale, "{isa:?} {bits:?}: max |diff| {diff} vs max |logit| {scale}");

@@ -1086,24 +1086,6 @@ mod tests {
 
     use crate::testdata::signal as signal;
 
-    fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Isa::Avx2);
-            }
-            if x86::has_vnni() {
-                v.push(Isa::Avx512);
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            v.push(Isa::Neon);
-        }
-        v
-    }
-
     #[test]
     fn fast_rounding_and_position_table_agree_with_the_definitions() {
         for i in -40000..40000 {
@@ -1175,7 +1157,7 @@ mod tests {
                     let v = natural(&row, i);
                     assert!((v - deq[i]).abs() <= 1e-5 * (1.0 + deq[i].abs()), "{}: element {i}: {v} vs {}", ty.name(), deq[i]);
                 }
-                for isa in isas() {
+                for isa in crate::simd::test_paths() {
                     let mut r2 = URow::new(k);
                     unpack_row_isa(isa, ty, &q, &mut r2);
                     assert_eq!(row.q, r2.q, "{} {isa:?}", ty.name());
@@ -1217,7 +1199,7 @@ mod tests {
                     let tol = if bits == ActBits::Eight { 1e-2 } else { 1e-4 };
                     assert!((oracle[t] as f64 - exact).abs() < tol * (1.0 + mag), "{} k={k} {bits:?}: {} vs {exact}", ty.name(), oracle[t]);
                 }
-                for isa in isas() {
+                for isa in crate::simd::test_paths() {
                     let mut all = vec![0f32; n];
                     dot_tokens(isa, &row, &acts, 0, n, &mut all);
                     for t in 0..n {

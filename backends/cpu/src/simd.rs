@@ -221,6 +221,27 @@ mod arm {
     }
 }
 
+/// Every path this CPU can run, the scalar oracle first: what the tests compare (one list
+/// for the float, integer and whole-forward tests).
+#[cfg(test)]
+pub(crate) fn test_paths() -> Vec<Isa> {
+    let mut v = vec![Isa::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            v.push(Isa::Avx2);
+        }
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            v.push(Isa::Avx512);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        v.push(Isa::Neon);
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,18 +264,7 @@ mod tests {
     /// Every SIMD path this CPU has agrees with the scalar oracle.
     #[test]
     fn simd_dot_matches_scalar() {
-        let mut paths = vec![Isa::Scalar];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                paths.push(Isa::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                paths.push(Isa::Avx512);
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        paths.push(Isa::Neon);
+        let paths = test_paths();
         for n in [0, 1, 7, 8, 15, 16, 31, 33, 64, 896, 1537] {
             let a = data(n, 3);
             let b = data(n, 11);
