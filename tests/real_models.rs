@@ -7,21 +7,10 @@
 
 use coordgen::chat::Message;
 use coordgen::engine::Session;
-use coordgen::plugins::Forward;
 use coordgen_tests::*;
-use serde_json::Value;
 
 const MODELS: [(&str, &str); 2] = [("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), ("qwen-0.5b", "qwen2.5-coder-0.5b-instruct.gguf")];
 
-
-fn fixture(name: &str) -> Value {
-    let p = repo_path(&format!("tests/fixtures/reference/{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
 
 #[test]
 fn tokenizer_and_chat_template_match_reference() {
@@ -59,31 +48,12 @@ fn perplexity_and_top1_agreement_match_reference() {
 
 fn perplexity_against_reference(bits: u32, kv: &str, min_agreement: f64) {
     for (name, file) in MODELS {
-        let f = fixture(name);
-        let pf = &f["perplexity"];
-        let ctx = pf["ctx"].as_u64().unwrap() as usize;
-        let tokens = ids(&pf["tokens"]);
-        let mut s = Session::open(cpu_backend_with(2, &format!("activation_bits = {bits}\nkv_type = \"{kv}\"")), &model_file(file), ctx).unwrap();
-        let r = s.perplexity(&tokens, ctx, true).unwrap();
-        let ref_ppl = pf["ppl"].as_f64().unwrap();
-        assert_eq!(r.n_scored as u64, pf["n_scored"].as_u64().unwrap());
-        let rel = (r.ppl - ref_ppl).abs() / ref_ppl;
-        let (mut agree, mut total) = (0usize, 0usize);
-        for (ours, theirs) in r.windows.as_ref().unwrap().iter().zip(pf["windows"].as_array().unwrap()) {
-            for (a, b) in ours.argmax.iter().zip(ids(&theirs["argmax"])) {
-                agree += usize::from(*a == b);
-                total += 1;
-            }
-        }
-        let agreement = agree as f64 / total as f64;
-        eprintln!("{name}, {bits}-bit activations, {kv} KV: ppl {:.4} vs reference {ref_ppl:.4} ({:+.3}%), top-1 agreement {:.2}% over {total}", r.ppl, rel * 100.0, agreement * 100.0);
-        assert!(rel < 0.01, "{name}, {bits}-bit, {kv} KV: perplexity {} vs reference {ref_ppl}", r.ppl);
-        assert!(agreement >= min_agreement, "{name}, {bits}-bit, {kv} KV: top-1 agreement {agreement}");
+        let backend = cpu_backend_with(2, &format!("activation_bits = {bits}\nkv_type = \"{kv}\""));
+        let r = perplexity_vs_fixture(backend, name, file, None);
+        eprintln!("{name}, {bits}-bit activations, {kv} KV: {r}");
+        assert!(r.rel < 0.01, "{name}, {bits}-bit, {kv} KV: {r}");
+        assert!(r.agreement >= min_agreement, "{name}, {bits}-bit, {kv} KV: {r}");
     }
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The logits of a position are bit-identical whether computed alone, inside chunks of
@@ -91,78 +61,9 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// the accepted path, decoding continues bit-identically. Both KV cache types.
 #[test]
 fn batch_invariance_alone_chunked_and_in_a_tree() {
-    let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
     for ((name, file), kv) in MODELS.iter().flat_map(|m| [(*m, "f32"), (*m, "f16")]) {
         let mut s = Session::open(cpu_backend_with(2, &format!("kv_type = \"{kv}\"")), &model_file(file), 256).unwrap();
-        let name = format!("{name} ({kv} KV)");
-        let toks = s.tok.encode(&text, false).unwrap();
-        let (np, nc) = (40usize, 8usize);
-        let seq = &toks[..np + nc + 1];
-        let nv = s.model.n_vocab;
-        let slot = s.slot;
-        let b = &mut s.backend;
-
-        // (a) one token at a time.
-        b.truncate(slot, 0).unwrap();
-        let mut alone = Vec::new();
-        for (i, &t) in seq.iter().enumerate() {
-            alone.push(b.forward(&Forward { slot, tokens: &[t], positions: &[i as u32], mask: &[], logit_rows: &[0] }).unwrap());
-        }
-        // (b) chunks of several widths, logits for every row.
-        for width in [3usize, 8, 16, 33] {
-            b.truncate(slot, 0).unwrap();
-            for (ci, chunk) in seq.chunks(width).enumerate() {
-                let base = ci * width;
-                let pos: Vec<u32> = (base as u32..(base + chunk.len()) as u32).collect();
-                let rows: Vec<u32> = (0..chunk.len() as u32).collect();
-                let out = b.forward(&Forward { slot, tokens: chunk, positions: &pos, mask: &[], logit_rows: &rows }).unwrap();
-                for r in 0..chunk.len() {
-                    assert_eq!(bits(&out[r * nv..(r + 1) * nv]), bits(&alone[base + r]), "{name}: width {width}, position {}", base + r);
-                }
-            }
-        }
-        // (c) a token tree: the true continuation as one branch, with a distractor sibling
-        // at every depth, nodes interleaved so the true branch is not contiguous.
-        b.truncate(slot, 0).unwrap();
-        let pos: Vec<u32> = (0..np as u32).collect();
-        b.forward(&Forward { slot, tokens: &seq[..np], positions: &pos, mask: &[], logit_rows: &[] }).unwrap();
-        let mut tokens = Vec::new();
-        let mut parents: Vec<i32> = Vec::new();
-        let mut true_nodes = Vec::new();
-        let mut prev: i32 = -1;
-        for d in 0..nc {
-            let distractor = (seq[np + d] + 7) % nv as u32;
-            tokens.push(distractor);
-            parents.push(prev);
-            true_nodes.push(tokens.len());
-            tokens.push(seq[np + d]);
-            parents.push(prev);
-            prev = tokens.len() as i32 - 1;
-        }
-        let w = tokens.len();
-        let mut mask = vec![0u8; w * w];
-        let mut positions = vec![0u32; w];
-        for i in 0..w {
-            let mut a = i as i32;
-            let mut depth = 0;
-            while a >= 0 {
-                mask[i * w + a as usize] = 1;
-                a = parents[a as usize];
-                depth += 1;
-            }
-            positions[i] = (np + depth - 1) as u32;
-        }
-        let rows: Vec<u32> = (0..w as u32).collect();
-        let out = b.forward(&Forward { slot, tokens: &tokens, positions: &positions, mask: &mask, logit_rows: &rows }).unwrap();
-        for (d, &node) in true_nodes.iter().enumerate() {
-            assert_eq!(bits(&out[node * nv..(node + 1) * nv]), bits(&alone[np + d]), "{name}: tree node at depth {d}");
-        }
-        // Keep the accepted path and continue.
-        let keep: Vec<u32> = true_nodes.iter().map(|&n| n as u32).collect();
-        b.keep_entries(slot, np as u32, &keep).unwrap();
-        assert_eq!(b.slot_len(slot).unwrap() as usize, np + nc);
-        let next = b.forward(&Forward { slot, tokens: &[seq[np + nc]], positions: &[(np + nc) as u32], mask: &[], logit_rows: &[0] }).unwrap();
-        assert_eq!(bits(&next), bits(&alone[np + nc]), "{name}: decode after tree compaction");
+        check_batch_invariance(&mut s, &format!("{name} ({kv} KV)"));
     }
 }
 

@@ -3,36 +3,8 @@
 //! against a naive f64 reference forward, through the CPU backend plugin.
 
 use coordgen::engine::{GenerateParams, Session};
-use coordgen::plugins::{Backend, Forward};
 use coordgen_model::quant::GgmlType;
 use coordgen_tests::*;
-
-const TOKENS: [u32; 9] = [17, 200, 3, 45, 45, 310, 99, 0, 256];
-
-/// Logits of every position of `TOKENS` from the backend (one causal forward).
-fn backend_logits(b: &mut Box<dyn Backend>, path: &std::path::Path) -> (Vec<Vec<f32>>, usize) {
-    let m = b.load_model(path).unwrap();
-    let slot = b.create_slot(m.handle, 64).unwrap();
-    let pos: Vec<u32> = (0..TOKENS.len() as u32).collect();
-    let rows = pos.clone();
-    let out = b.forward(&Forward { slot, tokens: &TOKENS, positions: &pos, mask: &[], logit_rows: &rows }).unwrap();
-    b.free_slot(slot).unwrap();
-    b.unload_model(m.handle).unwrap();
-    (out.chunks(m.n_vocab).map(|c| c.to_vec()).collect(), m.n_vocab)
-}
-
-fn assert_close(name: &str, ours: &[Vec<f32>], reference: &[Vec<f64>], tol: f64) {
-    assert_eq!(ours.len(), reference.len());
-    let mut worst = 0f64;
-    for (o, r) in ours.iter().zip(reference) {
-        assert_eq!(o.len(), r.len(), "{name}: vocab size");
-        let scale = r.iter().fold(0f64, |m, v| m.max(v.abs())).max(1.0);
-        for (a, b) in o.iter().zip(r) {
-            worst = worst.max((*a as f64 - b).abs() / scale);
-        }
-    }
-    assert!(worst < tol, "{name}: max relative logit error {worst:.2e} >= {tol:.0e}");
-}
 
 /// With 15-bit activations every quantized type matches the reference on its stored
 /// weights to 2e-4; with the default 8-bit ones, to 2e-2 (the activations' rounding).
@@ -52,7 +24,7 @@ fn every_arch_and_type(bits: u32, tol: f64) {
         for ty in GgmlType::ALL {
             let path = dir.join(format!("{}-{}.gguf", arch.name(), ty.name()));
             write_gguf(&spec, &w, ty, &path);
-            let (ours, nv) = backend_logits(&mut b, &path);
+            let (ours, nv) = backend_logits(&mut b, &path, &TOKENS);
             assert_eq!(nv, spec.n_vocab);
             let reference = reference_logits(&spec, &as_stored(&w, ty), &TOKENS);
             assert_close(&format!("{} {} {bits}-bit", arch.name(), ty.name()), &ours, &reference, tol);
@@ -70,15 +42,15 @@ fn safetensors_directories_match_reference_and_gguf() {
         for (dtype, shards) in [(safetensors::Dtype::F32, 1), (safetensors::Dtype::F16, 3), (safetensors::Dtype::BF16, 1)] {
             let d = dir.join(format!("{}-{dtype:?}-{shards}", arch.name()));
             write_hf_dir(&spec, &w, dtype, shards, &d);
-            let (ours, _) = backend_logits(&mut b, &d);
+            let (ours, _) = backend_logits(&mut b, &d, &TOKENS);
             let reference = reference_logits(&spec, &round_to(&w, dtype), &TOKENS);
             assert_close(&format!("{} {dtype:?} x{shards}", arch.name()), &ours, &reference, 2e-4);
         }
         // The same F32 weights as GGUF (llama Q/K permuted by the writer) give the same logits.
         let g = dir.join(format!("{}.gguf", arch.name()));
         write_gguf(&spec, &w, GgmlType::F32, &g);
-        let (from_gguf, _) = backend_logits(&mut b, &g);
-        let (from_dir, _) = backend_logits(&mut b, &dir.join(format!("{}-F32-1", arch.name())));
+        let (from_gguf, _) = backend_logits(&mut b, &g, &TOKENS);
+        let (from_dir, _) = backend_logits(&mut b, &dir.join(format!("{}-F32-1", arch.name())), &TOKENS);
         for (a, c) in from_gguf.iter().zip(&from_dir) {
             for (x, y) in a.iter().zip(c) {
                 assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{}: gguf {x} vs safetensors {y}", arch.name());

@@ -6,8 +6,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use coordgen::config::PluginsConfig;
+use coordgen::engine::Session;
+use coordgen::plugins::Forward;
 use coordgen::plugins::{self, Backend};
 use coordgen_model::gguf::{GgufWriter, Value};
+use serde_json::Value as Json;
 use coordgen_model::quant::{dequantize_row, quantize_row, GgmlType};
 
 pub use coordgen_model::Arch;
@@ -386,6 +389,37 @@ pub fn reference_logits(s: &Spec, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> 
     xs.iter().map(|x| matvec(out, &rms(x, &g("model.norm.weight").1, s.eps))).collect()
 }
 
+/// Token ids of the synthetic-model checks (a 320-token vocabulary).
+pub const TOKENS: [u32; 9] = [17, 200, 3, 45, 45, 310, 99, 0, 256];
+
+/// Logits of every position of `tokens` from the backend (one causal forward), and n_vocab.
+pub fn backend_logits(b: &mut Box<dyn Backend>, path: &Path, tokens: &[u32]) -> (Vec<Vec<f32>>, usize) {
+    let m = b.load_model(path).unwrap();
+    let slot = b.create_slot(m.handle, 64).unwrap();
+    let pos: Vec<u32> = (0..tokens.len() as u32).collect();
+    let rows = pos.clone();
+    let out = b.forward(&Forward { slot, tokens, positions: &pos, mask: &[], logit_rows: &rows }).unwrap();
+    b.free_slot(slot).unwrap();
+    b.unload_model(m.handle).unwrap();
+    (out.chunks(m.n_vocab).map(|c| c.to_vec()).collect(), m.n_vocab)
+}
+
+/// Asserts the largest logit error relative to each row's largest reference logit is
+/// below `tol`, and returns that error.
+pub fn assert_close(name: &str, ours: &[Vec<f32>], reference: &[Vec<f64>], tol: f64) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let mut worst = 0f64;
+    for (o, r) in ours.iter().zip(reference) {
+        assert_eq!(o.len(), r.len(), "{name}: vocab size");
+        let scale = r.iter().fold(0f64, |m, v| m.max(v.abs())).max(1.0);
+        for (a, b) in o.iter().zip(r) {
+            worst = worst.max((*a as f64 - b).abs() / scale);
+        }
+    }
+    assert!(worst < tol, "{name}: max relative logit error {worst:.2e} >= {tol:.0e}");
+    worst
+}
+
 /// The directory holding the built plugin libraries (target/<profile>).
 pub fn plugin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -449,4 +483,165 @@ pub fn model_file(file: &str) -> PathBuf {
 
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Asserts batch invariance on a session's backend: the logits of a position are
+/// bit-identical whether computed alone, inside chunks of any width, or inside a token tree
+/// with sibling branches; after compacting the tree to the accepted path, decoding continues
+/// bit-identically. `name` labels the failures.
+pub fn check_batch_invariance(s: &mut Session, name: &str) {
+    let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
+    let toks = s.tok.encode(&text, false).unwrap();
+    let (np, nc) = (40usize, 8usize);
+    let seq = &toks[..np + nc + 1];
+    let nv = s.model.n_vocab;
+    let slot = s.slot;
+    let b = &mut s.backend;
+
+    // (a) one token at a time.
+    b.truncate(slot, 0).unwrap();
+    let mut alone = Vec::new();
+    for (i, &t) in seq.iter().enumerate() {
+        alone.push(b.forward(&Forward { slot, tokens: &[t], positions: &[i as u32], mask: &[], logit_rows: &[0] }).unwrap());
+    }
+    // (b) chunks of several widths, logits for every row.
+    for width in [3usize, 8, 16, 33] {
+        b.truncate(slot, 0).unwrap();
+        for (ci, chunk) in seq.chunks(width).enumerate() {
+            let base = ci * width;
+            let pos: Vec<u32> = (base as u32..(base + chunk.len()) as u32).collect();
+            let rows: Vec<u32> = (0..chunk.len() as u32).collect();
+            let out = b.forward(&Forward { slot, tokens: chunk, positions: &pos, mask: &[], logit_rows: &rows }).unwrap();
+            for r in 0..chunk.len() {
+                assert_eq!(bits(&out[r * nv..(r + 1) * nv]), bits(&alone[base + r]), "{name}: width {width}, position {}", base + r);
+            }
+        }
+    }
+    // (c) a token tree: the true continuation as one branch, with a distractor sibling
+    // at every depth, nodes interleaved so the true branch is not contiguous.
+    b.truncate(slot, 0).unwrap();
+    let pos: Vec<u32> = (0..np as u32).collect();
+    b.forward(&Forward { slot, tokens: &seq[..np], positions: &pos, mask: &[], logit_rows: &[] }).unwrap();
+    let mut tokens = Vec::new();
+    let mut parents: Vec<i32> = Vec::new();
+    let mut true_nodes = Vec::new();
+    let mut prev: i32 = -1;
+    for d in 0..nc {
+        let distractor = (seq[np + d] + 7) % nv as u32;
+        tokens.push(distractor);
+        parents.push(prev);
+        true_nodes.push(tokens.len());
+        tokens.push(seq[np + d]);
+        parents.push(prev);
+        prev = tokens.len() as i32 - 1;
+    }
+    let w = tokens.len();
+    let mut mask = vec![0u8; w * w];
+    let mut positions = vec![0u32; w];
+    for i in 0..w {
+        let mut a = i as i32;
+        let mut depth = 0;
+        while a >= 0 {
+            mask[i * w + a as usize] = 1;
+            a = parents[a as usize];
+            depth += 1;
+        }
+        positions[i] = (np + depth - 1) as u32;
+    }
+    let rows: Vec<u32> = (0..w as u32).collect();
+    let out = b.forward(&Forward { slot, tokens: &tokens, positions: &positions, mask: &mask, logit_rows: &rows }).unwrap();
+    for (d, &node) in true_nodes.iter().enumerate() {
+        assert_eq!(bits(&out[node * nv..(node + 1) * nv]), bits(&alone[np + d]), "{name}: tree node at depth {d}");
+    }
+    // Keep the accepted path and continue.
+    let keep: Vec<u32> = true_nodes.iter().map(|&n| n as u32).collect();
+    b.keep_entries(slot, np as u32, &keep).unwrap();
+    assert_eq!(b.slot_len(slot).unwrap() as usize, np + nc);
+    let next = b.forward(&Forward { slot, tokens: &[seq[np + nc]], positions: &[(np + nc) as u32], mask: &[], logit_rows: &[0] }).unwrap();
+    assert_eq!(bits(&next), bits(&alone[np + nc]), "{name}: decode after tree compaction");
+}
+
+/// A reference fixture, tests/fixtures/reference/<name>.json.
+pub fn fixture(name: &str) -> Json {
+    let p = repo_path(&format!("tests/fixtures/reference/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Json) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// A perplexity run against a model's fixture: the reference's perplexity and the share
+/// of teacher-forced positions whose top-1 token agrees with it.
+pub struct PplCheck {
+    pub ppl: f64,
+    pub reference: f64,
+    /// |ppl - reference| / reference
+    pub rel: f64,
+    pub agreement: f64,
+    pub positions: usize,
+}
+
+impl std::fmt::Display for PplCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ppl {:.4} vs reference {:.4} ({:+.3}%), top-1 agreement {:.2}% over {}",
+            self.ppl,
+            self.reference,
+            (self.ppl - self.reference) / self.reference * 100.0,
+            self.agreement * 100.0,
+            self.positions
+        )
+    }
+}
+
+/// Runs the fixture's perplexity evaluation of model `name` (file `file`) on `backend`, over
+/// its first `windows` windows (all of them with `None`; the reference figure is then the
+/// one of those windows, from their per-token log-probabilities).
+pub fn perplexity_vs_fixture(backend: Box<dyn Backend>, name: &str, file: &str, windows: Option<usize>) -> PplCheck {
+    let f = fixture(name);
+    let pf = &f["perplexity"];
+    let ctx = pf["ctx"].as_u64().unwrap() as usize;
+    let mut tokens = ids(&pf["tokens"]);
+    let ref_windows = pf["windows"].as_array().unwrap();
+    let n = windows.unwrap_or(ref_windows.len()).min(ref_windows.len());
+    let reference = if windows.is_none() {
+        pf["ppl"].as_f64().unwrap()
+    } else {
+        tokens.truncate(n * ctx);
+        let lp: Vec<f64> = ref_windows[..n].iter().flat_map(|w| w["logprob"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap())).collect();
+        (-lp.iter().sum::<f64>() / lp.len() as f64).exp()
+    };
+    let mut s = Session::open(backend, &model_file(file), ctx).unwrap();
+    let r = s.perplexity(&tokens, ctx, true).unwrap();
+    if windows.is_none() {
+        assert_eq!(r.n_scored as u64, pf["n_scored"].as_u64().unwrap(), "{name}: scored positions");
+    }
+    assert_eq!(r.n_windows, n, "{name}: windows");
+    let (mut agree, mut total) = (0usize, 0usize);
+    for (ours, theirs) in r.windows.as_ref().unwrap().iter().zip(ref_windows) {
+        for (a, b) in ours.argmax.iter().zip(ids(&theirs["argmax"])) {
+            agree += usize::from(*a == b);
+            total += 1;
+        }
+    }
+    PplCheck { ppl: r.ppl, reference, rel: (r.ppl - reference).abs() / reference, agreement: agree as f64 / total.max(1) as f64, positions: total }
+}
+
+/// Loads the Vulkan backend through its plugin with `options` (TOML lines, may be empty).
+/// Panics with the plugin's own message where it cannot start (no Vulkan driver, or a build
+/// without glslc): scripts/install_vulkan.sh installs lavapipe, a CPU Vulkan driver.
+pub fn vulkan_backend_with(options: &str) -> Box<dyn Backend> {
+    let entry = plugin_entry("vulkan", "backend", "coordgen_backend_vulkan", options);
+    let cfg = PluginsConfig::parse(&format!("target_backend = \"vulkan\"\n{entry}"), "test config", Path::new(".")).unwrap();
+    match plugins::load_backend(&cfg, "vulkan") {
+        Ok((b, _)) => b,
+        Err(e) => panic!("{e} (run scripts/install_vulkan.sh, then cargo build --workspace)"),
+    }
 }
