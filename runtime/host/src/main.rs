@@ -307,9 +307,20 @@ fn attach_scheduler(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> 
     s.set_scheduler(sched)
 }
 
+/// A backend other than the CPU one that fails to start or to load the model: the error,
+/// and how to run without it, unless the backend's message says so already.
+fn with_fallback_hint(name: &str, e: anyhow::Error) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    if name == "cpu" || msg.contains("target_backend") || msg.contains("--backend cpu") {
+        e
+    } else {
+        e.context(format!("backend {name:?} failed; to run on the CPU instead use --backend cpu or target_backend = \"cpu\" in plugins.toml"))
+    }
+}
+
 fn open_session(cfg: &PluginsConfig, m: &ModelArgs) -> Result<Session> {
     let name = m.backend.clone().unwrap_or_else(|| cfg.target_backend.clone());
-    let (mut backend, _) = plugins::load_backend(cfg, &name)?;
+    let (mut backend, _) = plugins::load_backend(cfg, &name).map_err(|e| with_fallback_hint(&name, e.into()))?;
     if m.threads != 0 {
         backend.set_threads(m.threads)?;
     }
@@ -326,7 +337,7 @@ fn open_session(cfg: &PluginsConfig, m: &ModelArgs) -> Result<Session> {
     pb.set_message(format!("loading {}", path.display()));
     let s = Session::open(backend, &path, m.ctx_size);
     pb.finish_and_clear();
-    let s = s?;
+    let s = s.map_err(|e| with_fallback_hint(&name, e))?;
     // Extra bytes: what the backend allocated beyond the mapped file (the CPU backend's
     // repacked weights, whose mapped pages it releases).
     tracing::info!(model = %path.display(), arch = %s.model.arch, weight_bytes = s.model.weight_bytes, extra_bytes = s.model.extra_bytes, "model loaded");
