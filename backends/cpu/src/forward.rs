@@ -48,19 +48,7 @@ impl Slot {
 
     /// Keeps entries `0..start`, then `start + keep[k]` moved to `start + k`.
     pub fn keep_entries(&mut self, kv_dim: usize, start: usize, keep: &[u32]) -> Result<(), String> {
-        if start > self.len {
-            return Err(format!("keep_entries: start {start} beyond slot length {}", self.len));
-        }
-        let mut prev: Option<u32> = None;
-        for &k in keep {
-            if prev.is_some_and(|p| k <= p) {
-                return Err("keep_entries: indices must be strictly increasing".into());
-            }
-            if start + k as usize >= self.len {
-                return Err(format!("keep_entries: entry {} beyond slot length {}", start + k as usize, self.len));
-            }
-            prev = Some(k);
-        }
+        coordgen_interface::checks::check_keep(self.len, start, keep)?;
         for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
             for (dst, &src) in keep.iter().enumerate() {
                 let (d, s) = (start + dst, start + src as usize);
@@ -88,28 +76,8 @@ pub struct Batch<'a> {
 pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &mut Slot, b: &Batch<'_>) -> Result<Vec<f32>, String> {
     let hp = &m.hp;
     let w = b.tokens.len();
-    if w == 0 {
-        return Err("forward: empty batch".into());
-    }
-    if b.positions.len() != w {
-        return Err(format!("forward: {} positions for {w} tokens", b.positions.len()));
-    }
-    if !b.mask.is_empty() && b.mask.len() != w * w {
-        return Err(format!("forward: mask has {} entries, expected {}", b.mask.len(), w * w));
-    }
-    if let Some(&r) = b.logit_rows.iter().find(|&&r| r as usize >= w) {
-        return Err(format!("forward: logit row {r} outside a batch of {w}"));
-    }
-    if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
-        return Err(format!("forward: token id {t} outside the vocabulary of {}", hp.n_vocab));
-    }
+    coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, hp.n_vocab, slot.len, slot.n_ctx)?;
     let start = slot.len;
-    if start + w > slot.n_ctx {
-        return Err(format!(
-            "context is full: {start} cached + {w} new tokens exceed the slot's {} entries",
-            slot.n_ctx
-        ));
-    }
     let (e, hd) = (hp.n_embd, hp.head_dim);
     let q_dim = hp.n_head * hd;
     let kv_dim = m.kv_dim();

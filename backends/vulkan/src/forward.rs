@@ -165,28 +165,11 @@ fn rms_norm(r: &mut Recorder<'_>, sh: &Shaders, x: Bind, out: Bind, g: &Buffer, 
 pub fn forward(ctx: &Arc<Ctx>, sh: &Shaders, m: &mut GpuModel, slot: &mut Slot, work: &mut Work, b: &Batch<'_>) -> Result<Vec<f32>, String> {
     let w = b.tokens.len();
     let nv = m.hp.n_vocab;
-    if w == 0 {
-        return Err("forward: empty batch".into());
-    }
     if w > MAX_WIDTH {
         return Err(format!("batch of {w} tokens exceeds the Vulkan backend's maximum width {MAX_WIDTH}"));
     }
-    if b.positions.len() != w {
-        return Err(format!("forward: {} positions for {w} tokens", b.positions.len()));
-    }
-    if !b.mask.is_empty() && b.mask.len() != w * w {
-        return Err(format!("forward: mask has {} entries, expected {}", b.mask.len(), w * w));
-    }
-    if let Some(&r) = b.logit_rows.iter().find(|&&r| r as usize >= w) {
-        return Err(format!("forward: logit row {r} outside a batch of {w}"));
-    }
-    if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= nv) {
-        return Err(format!("forward: token id {t} outside the vocabulary of {nv}"));
-    }
+    coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, nv, slot.len, slot.n_ctx)?;
     let start = slot.len;
-    if start + w > slot.n_ctx {
-        return Err(format!("context is full: {start} cached + {w} new tokens exceed the slot's {} entries", slot.n_ctx));
-    }
     let max_pos = *b.positions.iter().max().unwrap() as usize;
     m.ensure_rope(ctx, max_pos + 1)?;
     work.ensure(ctx, m, w)?;
@@ -291,19 +274,7 @@ pub fn forward(ctx: &Arc<Ctx>, sh: &Shaders, m: &mut GpuModel, slot: &mut Slot, 
 /// go through a temporary buffer, because one copy command's sources and destinations must
 /// not overlap.
 pub fn keep_entries(ctx: &Arc<Ctx>, slot: &mut Slot, kv_dim: usize, start: usize, keep: &[u32]) -> Result<(), String> {
-    if start > slot.len {
-        return Err(format!("keep_entries: start {start} beyond slot length {}", slot.len));
-    }
-    let mut prev: Option<u32> = None;
-    for &k in keep {
-        if prev.is_some_and(|p| k <= p) {
-            return Err("keep_entries: indices must be strictly increasing".into());
-        }
-        if start + k as usize >= slot.len {
-            return Err(format!("keep_entries: entry {} beyond slot length {}", start + k as usize, slot.len));
-        }
-        prev = Some(k);
-    }
+    coordgen_interface::checks::check_keep(slot.len, start, keep)?;
     let moved: Vec<(usize, usize)> = keep.iter().enumerate().map(|(d, &s)| (start + d, start + s as usize)).filter(|(d, s)| d != s).collect();
     if !moved.is_empty() {
         let eb = (kv_dim * 2) as u64;

@@ -14,6 +14,7 @@
 #![allow(non_local_definitions)]
 
 pub mod backend;
+pub mod checks;
 pub mod cost_model;
 pub mod drafter;
 pub mod drafter_kit;
