@@ -71,38 +71,16 @@ fn batch_invariance_alone_chunked_and_in_a_tree() {
 /// only computes the tokens after the cached first turn.
 #[test]
 fn chat_cli_reuses_the_cache_between_turns() {
-    let exe = plugin_dir().join("coordgen");
     let dir = temp_dir("chat-cli");
     let cfg = dir.join("plugins.toml");
     // 15-bit activations: with 8 (the default) the 135M model's greedy answer to this
     // question turns from "The capital of France is Paris." into a list of French words.
     std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", plugin_entry("cpu", "backend", "coordgen_backend_cpu", "activation_bits = 15"))).unwrap();
-    let mut child = std::process::Command::new(exe)
-        .args(["--config", cfg.to_str().unwrap(), "chat", "-m", model_file(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"])
-        .env("COORDGEN_CACHE", dir.join("cache"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let stdin = child.stdin.as_mut().unwrap();
-        stdin.write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = chat_cli_two_turns(&cfg, &["-m", model_file(MODELS[0].1).to_str().unwrap(), "--max-tokens", "12", "-t", "2"], &dir);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     // "[prompt N tokens (M computed, ...". Two turns.
-    let turns: Vec<(usize, usize)> = err
-        .lines()
-        .filter_map(|l| l.strip_prefix("[prompt "))
-        .map(|l| {
-            let n: usize = l.split_whitespace().next().unwrap().parse().unwrap();
-            let m: usize = l.split('(').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-            (n, m)
-        })
-        .collect();
+    let turns = chat_turns(&err);
     assert_eq!(turns.len(), 2, "{err}");
     assert_eq!(turns[0].0, turns[0].1, "first turn computes its whole prompt");
     assert!(turns[1].0 > turns[0].0 && turns[1].1 < turns[1].0 - turns[0].0 + 16, "second turn reuses the cache: {turns:?}");

@@ -187,26 +187,10 @@ fn cli_chat_and_no_driver_error() {
     let cfg = dir.join("plugins.toml");
     std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}{}", cpu_entry(2), plugin_entry("vulkan", "backend", "coordgen_backend_vulkan", ""))).unwrap();
     let model = model_file(MODELS[0].1);
-    let mut child = std::process::Command::new(&exe)
-        .args(["--config", cfg.to_str().unwrap(), "chat", "--backend", "vulkan", "-m", model.to_str().unwrap(), "--max-tokens", "12"])
-        .env("COORDGEN_CACHE", dir.join("cache"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child.stdin.as_mut().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = chat_cli_two_turns(&cfg, &["--backend", "vulkan", "-m", model.to_str().unwrap(), "--max-tokens", "12"], &dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    let computed: Vec<(usize, usize)> = err
-        .lines()
-        .filter_map(|l| l.strip_prefix("[prompt "))
-        .map(|l| (l.split_whitespace().next().unwrap().parse().unwrap(), l.split('(').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()))
-        .collect();
+    let computed = chat_turns(&err);
     assert_eq!(computed.len(), 2, "{err}");
     assert!(computed[1].1 < computed[1].0 - computed[0].0 + 16, "second turn reuses the cache: {computed:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{}", String::from_utf8_lossy(&out.stdout));

@@ -645,3 +645,36 @@ pub fn vulkan_backend_with(options: &str) -> Box<dyn Backend> {
         Err(e) => panic!("{e} (run scripts/install_vulkan.sh, then cargo build --workspace)"),
     }
 }
+
+/// Runs `coordgen --config CFG chat ARGS` with two questions and `/exit` on its input (the
+/// cache under `dir`), and returns its output.
+pub fn chat_cli_two_turns(cfg: &Path, args: &[&str], dir: &Path) -> std::process::Output {
+    let mut child = std::process::Command::new(plugin_dir().join("coordgen"))
+        .args(["--config", cfg.to_str().unwrap(), "chat"])
+        .args(args)
+        .env("COORDGEN_CACHE", dir.join("cache"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        child.stdin.as_mut().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n/exit\n").unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The (prompt tokens, computed tokens) of each turn from `chat`'s "[prompt N tokens (M
+/// computed, ..." lines on stderr.
+pub fn chat_turns(stderr: &str) -> Vec<(usize, usize)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("[prompt "))
+        .map(|l| {
+            let n: usize = l.split_whitespace().next().unwrap().parse().unwrap();
+            let m: usize = l.split('(').nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+            (n, m)
+        })
+        .collect()
+}
