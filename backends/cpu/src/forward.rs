@@ -74,16 +74,34 @@ pub struct Batch<'a> {
 /// Runs the model over the batch, appending its KV entries to the slot; returns the logits
 /// of the requested rows (`rows x n_vocab`).
 pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &mut Slot, b: &Batch<'_>) -> Result<Vec<f32>, String> {
+    Ok(forward_slots(pool, isa, bits, m, &mut [slot], std::slice::from_ref(b))?.pop().unwrap_or_default())
+}
+
+/// Runs batch `i` appended to `slots[i]` for every `i` in one pass over the weights: the
+/// rows of all batches go through each matrix together (the weights are read once for all),
+/// while rotary embedding, the KV writes and attention stay per slot. Every row's result is
+/// the one it gets alone, because each kernel computes a row independently of the others
+/// in its batch. Everything is checked before any slot is written.
+pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slots: &mut [&mut Slot], batches: &[Batch<'_>]) -> Result<Vec<Vec<f32>>, String> {
     let hp = &m.hp;
-    let w = b.tokens.len();
-    coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, hp.n_vocab, slot.len, slot.n_ctx)?;
-    let start = slot.len;
+    if slots.len() != batches.len() {
+        return Err(format!("{} batches for {} slots", batches.len(), slots.len()));
+    }
+    for (s, b) in slots.iter().zip(batches) {
+        coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, hp.n_vocab, s.len, s.n_ctx)?;
+    }
+    // Segment i covers rows offs[i]..offs[i+1] of the joint batch.
+    let mut offs = vec![0usize];
+    for b in batches {
+        offs.push(offs.last().unwrap() + b.tokens.len());
+    }
+    let w = *offs.last().unwrap();
     let (e, hd) = (hp.n_embd, hp.head_dim);
     let q_dim = hp.n_head * hd;
     let kv_dim = m.kv_dim();
 
     let mut x = vec![0f32; w * e];
-    for (t, &tok) in b.tokens.iter().enumerate() {
+    for (t, &tok) in batches.iter().flat_map(|b| b.tokens).enumerate() {
         ops::get_row(&m.tok_embd, tok as usize, &mut x[t * e..(t + 1) * e]);
     }
     let mut xn = vec![0f32; w * e];
@@ -95,10 +113,6 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
     let mut gate = vec![0f32; w * hp.n_ff];
     let mut up = vec![0f32; w * hp.n_ff];
     let mut qa = QActs::new();
-
-    let mask = b.mask;
-    let visible = move |t: usize, j: usize| if mask.is_empty() { j <= t } else { mask[t * w + j] != 0 };
-    let shape = AttnShape { n_tok: w, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start };
 
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
@@ -117,17 +131,26 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
         if let Some(g) = &l.k_norm {
             ops::rms_norm_heads(&mut k, g, hp.rms_eps);
         }
-        for t in 0..w {
-            let pos = b.positions[t];
-            ops::rope(&mut q[t * q_dim..(t + 1) * q_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
-            ops::rope(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
-        }
-        slot.k[li].write(start * kv_dim, &k);
-        slot.v[li].write(start * kv_dim, &v);
-        match (&slot.k[li], &slot.v[li]) {
-            (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, &q, kc, vc, &visible, &mut attn),
-            (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, &q, kc, vc, &visible, &mut attn),
-            _ => return Err("forward: keys and values of a slot have different types".into()),
+        for (si, (slot, b)) in slots.iter_mut().zip(batches).enumerate() {
+            let (r0, r1) = (offs[si], offs[si + 1]);
+            let n = r1 - r0;
+            for t in 0..n {
+                let (pos, row) = (b.positions[t], r0 + t);
+                ops::rope(&mut q[row * q_dim..(row + 1) * q_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
+                ops::rope(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
+            }
+            let start = slot.len;
+            slot.k[li].write(start * kv_dim, &k[r0 * kv_dim..r1 * kv_dim]);
+            slot.v[li].write(start * kv_dim, &v[r0 * kv_dim..r1 * kv_dim]);
+            let mask = b.mask;
+            let visible = move |t: usize, j: usize| if mask.is_empty() { j <= t } else { mask[t * n + j] != 0 };
+            let shape = AttnShape { n_tok: n, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start };
+            let (qs, out) = (&q[r0 * q_dim..r1 * q_dim], &mut attn[r0 * q_dim..r1 * q_dim]);
+            match (&slot.k[li], &slot.v[li]) {
+                (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, out),
+                (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, out),
+                _ => return Err("forward: keys and values of a slot have different types".into()),
+            }
         }
         qa.quantize_on(Some(pool), &attn, w, q_dim, bits);
         ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
@@ -141,20 +164,36 @@ pub fn forward(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, slot: &
         ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
     }
-    slot.len = start + w;
+    for (slot, b) in slots.iter_mut().zip(batches) {
+        slot.len += b.tokens.len();
+    }
 
-    let nr = b.logit_rows.len();
+    // The requested rows of every segment go through the output matrix together.
+    let rows: Vec<usize> = batches.iter().zip(&offs).flat_map(|(b, &o)| b.logit_rows.iter().map(move |&r| o + r as usize)).collect();
+    let nr = rows.len();
+    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(batches.len());
     if nr == 0 {
-        return Ok(Vec::new());
+        outs.resize(batches.len(), Vec::new());
+        return Ok(outs);
     }
     let mut sel = vec![0f32; nr * e];
-    for (i, &r) in b.logit_rows.iter().enumerate() {
-        sel[i * e..(i + 1) * e].copy_from_slice(&x[r as usize * e..(r as usize + 1) * e]);
+    for (i, &r) in rows.iter().enumerate() {
+        sel[i * e..(i + 1) * e].copy_from_slice(&x[r * e..(r + 1) * e]);
     }
     let mut seln = vec![0f32; nr * e];
     ops::rms_norm(&sel, &m.out_norm, hp.rms_eps, &mut seln);
     let mut logits = vec![0f32; nr * hp.n_vocab];
     qa.quantize_on(Some(pool), &seln, nr, e, bits);
     ops::linear(pool, isa, &m.output, &seln, &qa, nr, &mut logits);
-    Ok(logits)
+    if batches.len() == 1 {
+        outs.push(logits);
+        return Ok(outs);
+    }
+    let mut at = 0;
+    for b in batches {
+        let n = b.logit_rows.len() * hp.n_vocab;
+        outs.push(logits[at..at + n].to_vec());
+        at += n;
+    }
+    Ok(outs)
 }

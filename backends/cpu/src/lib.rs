@@ -231,6 +231,46 @@ impl CpuBackend {
         forward::forward(&self.pool, self.isa, self.act_bits, m, s, batch)
     }
 
+    /// One forward over several distinct slots of one model (see `BackendFfi::forward_slots`).
+    pub fn forward_slots(&mut self, ids: &[u32], batches: &[Batch<'_>]) -> Result<Vec<Vec<f32>>, String> {
+        let total: usize = batches.iter().map(|b| b.tokens.len()).sum();
+        if total > MAX_WIDTH as usize {
+            return Err(format!("batches of {total} tokens in all exceed the maximum width {MAX_WIDTH}"));
+        }
+        // The slots leave the map for the call, so each is borrowed once; all go back after.
+        let mut taken: Vec<(u32, Slot)> = Vec::with_capacity(ids.len());
+        let mut missing = None;
+        for &id in ids {
+            match self.slots.remove(&id) {
+                Some(s) => taken.push((id, s)),
+                None => {
+                    missing = Some(id);
+                    break;
+                }
+            }
+        }
+        let r = (|| {
+            if let Some(id) = missing {
+                return Err(if ids.iter().filter(|&&x| x == id).count() > 1 {
+                    format!("KV slot {id} appears twice in one forward")
+                } else {
+                    format!("no KV slot {id}")
+                });
+            }
+            let model = taken.first().map(|(_, s)| s.model).ok_or("a forward over no slots")?;
+            if taken.iter().any(|(_, s)| s.model != model) {
+                return Err("one forward over slots of different models".to_string());
+            }
+            let m = self.models.get(&model).ok_or_else(|| format!("slot {} refers to an unloaded model", ids[0]))?;
+            let mut refs: Vec<&mut Slot> = taken.iter_mut().map(|(_, s)| s).collect();
+            forward::forward_slots(&self.pool, self.isa, self.act_bits, m, &mut refs, batches)
+        })();
+        for (id, s) in taken {
+            self.slots.insert(id, s);
+        }
+        r
+    }
+
     pub fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
         let s = self.slots.get(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
         Ok(self.model(s.model)?.hp.n_vocab)
@@ -296,6 +336,19 @@ impl BackendFfi for FfiCpu {
     }
     fn stats_json(&self) -> RString {
         RString::from(self.0.stats_json())
+    }
+    fn forward_slots(&mut self, bs: RSlice<'_, ForwardBatch>) -> RResult<RVec<ForwardOutput>, RString> {
+        guard(|| {
+            let ids: Vec<u32> = bs.iter().map(|b| b.slot).collect();
+            let n_vocab = match ids.first() {
+                Some(&id) => self.0.n_vocab_of_slot(id)? as u32,
+                None => return Ok(RVec::new()),
+            };
+            let batches: Vec<Batch<'_>> =
+                bs.iter().map(|b| Batch { tokens: &b.tokens, positions: &b.positions, mask: &b.mask, logit_rows: &b.logit_rows }).collect();
+            let outs = self.0.forward_slots(&ids, &batches)?;
+            Ok(outs.into_iter().map(|l| ForwardOutput { n_vocab, logits: RVec::from(l) }).collect())
+        })
     }
 }
 

@@ -216,6 +216,12 @@ impl Session {
         let tok = Tok::for_model(model_path, &file)?;
         drop(file);
         let model = backend.load_model(model_path)?;
+        Session::attach(backend, model, tok, model_path, n_ctx)
+    }
+
+    /// A session on a model `backend` has loaded already (the server's slots share one):
+    /// checks the tokenizer against it and allocates this session's own KV slot.
+    pub fn attach(mut backend: Box<dyn Backend>, model: ModelInfo, tok: Tok, model_path: &Path, n_ctx: usize) -> Result<Session> {
         if tok.vocab_size() > model.n_vocab {
             bail!("tokenizer has {} tokens but the model's output has only {}", tok.vocab_size(), model.n_vocab);
         }

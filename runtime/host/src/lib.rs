@@ -1,6 +1,7 @@
 //! The CoordGen host runtime: plugin configuration and loading, tokenizers and chat
 //! templates, sampling, and the generation engine the `coordgen` binary drives.
 
+pub mod batching;
 pub mod bench;
 pub mod calibrate;
 pub mod chat;
@@ -11,6 +12,7 @@ pub mod plugins;
 pub mod replay;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod spec;
 pub mod tokenizer;
 pub mod workload;

@@ -38,6 +38,38 @@ enum Cmd {
     Index(IndexArgs),
     /// Measure (again) the cost model of a model on a backend and cache it.
     Calibrate(CalibrateArgs),
+    /// An OpenAI-compatible HTTP server (chat/completions, completions, models, health).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Defaults of every request (request fields override the sampling ones).
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// Address to listen on (loopback by default; anything else exposes the model).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests served at once, each in its own KV slot of --ctx-size entries; their
+    /// forwards are merged into shared ones.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    parallel: usize,
+    /// Requests that may wait for a busy slot; beyond them requests get 503.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// Require `Authorization: Bearer KEY` (default: $COORDGEN_API_KEY, else no key).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body: usize,
+    /// Name of the model in /v1/models (default: the -m argument's file stem or name).
+    #[arg(long)]
+    alias: Option<String>,
 }
 
 #[derive(Args)]
@@ -712,6 +744,72 @@ fn cmd_bench(config: &Option<PathBuf>, a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Loads the model once on the backend and makes `--parallel` sessions (slots) on it, each
+/// with its own drafter and scheduler, then serves.
+fn cmd_serve(config: &Option<PathBuf>, a: ServeArgs) -> Result<()> {
+    use coordgen::batching::Batcher;
+    use coordgen::server::{Options, Served};
+    if a.parallel == 0 || a.parallel > 64 {
+        bail!("--parallel must be between 1 and 64");
+    }
+    let cfg = a.sample.config(config)?;
+    let defaults = a.sample.params_with(&cfg)?;
+    // One session loads the model and measures (or loads) the cost model; the others attach
+    // to the same loaded model.
+    let mut first = open_session(&cfg, &ModelArgs { ctx_size: if a.model.ctx_size == 0 { 4096 } else { a.model.ctx_size }, ..a.model.clone() })?;
+    let costs = {
+        attach_scheduler(&cfg, &mut first, a.sample.scheduler.as_deref())?;
+        first.costs.clone()
+    };
+    let Session { mut backend, model, tok, model_path, n_ctx, slot, .. } = first;
+    backend.free_slot(slot)?;
+    let batcher = Batcher::new(backend);
+    let drafter_spec = match a.sample.drafter.as_deref() {
+        Some("none") | Some("plain") => None,
+        Some(x) => Some(x.to_string()),
+        None => cfg.drafter.clone(),
+    };
+    let mut sessions = Vec::new();
+    for _ in 0..a.parallel {
+        let mut s = Session::attach(batcher.backend(), model.clone(), tok.clone(), &model_path, n_ctx)?;
+        s.costs = costs.clone();
+        if let Some(spec) = &drafter_spec {
+            s.set_drafter(Some(plugins::load_drafters(&cfg, spec)?))?;
+        }
+        let name = a.sample.scheduler.clone().unwrap_or_else(|| cfg.default_scheduler());
+        s.set_scheduler(coordgen::scheduler::load_scheduler(&cfg, &name)?)?;
+        sessions.push(s);
+    }
+    let factory: Option<coordgen::server::DrafterFactory> = drafter_spec.map(|spec| {
+        let cfg = cfg.clone();
+        Box::new(move || Ok(plugins::load_drafters(&cfg, &spec)?)) as coordgen::server::DrafterFactory
+    });
+    let model_id = a.alias.clone().unwrap_or_else(|| {
+        let p = std::path::Path::new(&a.model.model);
+        if p.exists() { p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| a.model.model.clone()) } else { a.model.model.clone() }
+    });
+    let mut aliases = vec![a.model.model.clone(), model_path.display().to_string()];
+    if let Some(n) = model_path.file_name() {
+        aliases.push(n.to_string_lossy().into_owned());
+    }
+    let addr: std::net::SocketAddr = format!("{}:{}", a.host, a.port).parse().or_else(|_| {
+        use std::net::ToSocketAddrs;
+        (a.host.as_str(), a.port).to_socket_addrs().ok().and_then(|mut i| i.next()).ok_or(())
+    }).map_err(|_| anyhow::anyhow!("cannot use --host {} --port {} as an address to listen on", a.host, a.port))?;
+    let api_key = a.api_key.clone().or_else(|| std::env::var("COORDGEN_API_KEY").ok()).filter(|k| !k.is_empty());
+    let opts = Options {
+        addr,
+        api_key,
+        model_id,
+        model_aliases: aliases,
+        max_body: a.max_body,
+        queue: a.queue,
+        defaults,
+        shutdown_grace: std::time::Duration::from_secs(10),
+    };
+    coordgen::server::run(Served::new(opts, sessions, batcher, factory)?)
+}
+
 fn cmd_index(a: IndexArgs) -> Result<()> {
     let model = resolve_model(&a.model);
     let r = coordgen::index::build(&a.dir, &model, &a.output)?;
@@ -733,6 +831,7 @@ fn main() {
         Cmd::Bench(a) => cmd_bench(&cli.config, a),
         Cmd::Index(a) => cmd_index(a),
         Cmd::Calibrate(a) => cmd_calibrate(&cli.config, a),
+        Cmd::Serve(a) => cmd_serve(&cli.config, a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

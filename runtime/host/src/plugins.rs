@@ -76,6 +76,11 @@ pub trait Backend: Send {
     fn keep_entries(&mut self, slot: u32, start: u32, keep: &[u32]) -> PResult<()>;
     /// Returns `logit_rows.len() x n_vocab` logits.
     fn forward(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>>;
+    /// One forward over several distinct slots (see the interface's `forward_slots`):
+    /// output `i` is what `forward(&fs[i])` would return.
+    fn forward_slots(&mut self, fs: &[Forward<'_>]) -> PResult<Vec<Vec<f32>>> {
+        fs.iter().map(|f| self.forward(f)).collect()
+    }
     fn stats_json(&self) -> String;
 }
 
@@ -406,19 +411,31 @@ impl Backend for ForeignBackend {
         self.call(r)
     }
     fn forward(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>> {
-        let batch = ForwardBatch {
-            slot: f.slot,
-            tokens: RVec::from_slice(f.tokens),
-            positions: RVec::from_slice(f.positions),
-            mask: RVec::from_slice(f.mask),
-            logit_rows: RVec::from_slice(f.logit_rows),
-        };
-        let r = self.obj.forward(&batch);
+        let r = self.obj.forward(&ffi_batch(f));
         let out = self.call(r)?;
         Ok(out.logits.into_vec())
     }
+    fn forward_slots(&mut self, fs: &[Forward<'_>]) -> PResult<Vec<Vec<f32>>> {
+        let batches: Vec<ForwardBatch> = fs.iter().map(ffi_batch).collect();
+        let r = self.obj.forward_slots(RSlice::from_slice(&batches));
+        let outs = self.call(r)?;
+        if outs.len() != fs.len() {
+            return Err(PluginError::Call { plugin: self.name.clone(), message: format!("forward_slots returned {} outputs for {} batches", outs.len(), fs.len()) });
+        }
+        Ok(outs.into_iter().map(|o| o.logits.into_vec()).collect())
+    }
     fn stats_json(&self) -> String {
         self.obj.stats_json().into_string()
+    }
+}
+
+fn ffi_batch(f: &Forward<'_>) -> ForwardBatch {
+    ForwardBatch {
+        slot: f.slot,
+        tokens: RVec::from_slice(f.tokens),
+        positions: RVec::from_slice(f.positions),
+        mask: RVec::from_slice(f.mask),
+        logit_rows: RVec::from_slice(f.logit_rows),
     }
 }
 

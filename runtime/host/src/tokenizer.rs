@@ -11,6 +11,7 @@ use coordgen_model::gguf::GgufFile;
 use coordgen_model::ModelFile;
 use serde_json::{json, Value};
 
+#[derive(Clone)]
 pub struct Tok {
     pub inner: tokenizers::Tokenizer,
     pub bos: Option<u32>,

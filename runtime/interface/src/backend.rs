@@ -134,6 +134,26 @@ pub trait BackendFfi: Send {
     /// Free-form diagnostics (memory use, kernels chosen) as a JSON object.
     #[sabi(last_prefix_field)]
     fn stats_json(&self) -> RString;
+
+    /// One forward over several slots of the same model at once (interface version 4): batch
+    /// `i` is appended to its own slot exactly as [`BackendFfi::forward`] would append it,
+    /// and output `i` holds its requested rows. The batches' tokens share the weight reads,
+    /// which is what makes concurrent requests cheap on memory-bound hardware; attention
+    /// stays within each slot. Every row's logits must be bit-identical to the same batch run
+    /// alone (batch invariance across slots). Slots must be distinct. On an error no slot may
+    /// be left partly written: either every batch was appended or none.
+    ///
+    /// The default runs the batches one after another (correct, with no sharing).
+    fn forward_slots(&mut self, batches: RSlice<'_, ForwardBatch>) -> RResult<RVec<ForwardOutput>, RString> {
+        let mut out = RVec::with_capacity(batches.len());
+        for b in batches.iter() {
+            match self.forward(b) {
+                RResult::ROk(o) => out.push(o),
+                RResult::RErr(e) => return RResult::RErr(e),
+            }
+        }
+        RResult::ROk(out)
+    }
 }
 
 pub type BackendBox = BackendFfi_TO<'static, RBox<()>>;

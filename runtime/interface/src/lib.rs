@@ -31,7 +31,8 @@ use abi_stable::std_types::{RResult, RString};
 use abi_stable::StableAbi;
 
 /// Version of the plugin contract. Bumped on any semantic change of the traits below.
-pub const INTERFACE_VERSION: u32 = 3;
+/// 4: backends gained `forward_slots` (one forward over several KV slots).
+pub const INTERFACE_VERSION: u32 = 4;
 
 /// What kind of plugin a library holds.
 #[repr(u8)]
