@@ -2,6 +2,8 @@
 //! type) and as Hugging Face safetensors directories, a naive f64 reference forward that
 //! follows the Hugging Face conventions, and loading the CPU backend through its plugin.
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
