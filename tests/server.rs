@@ -259,3 +259,50 @@ fn disconnects_a_panicking_drafter_and_sigterm() {
     assert_eq!(last["coordgen"]["finish"], "cancelled", "{last}");
     assert!(s.log().contains("coordgen serve: stopped"), "{}", s.log());
 }
+
+/// The Python interpreter with the openai package (scripts/install_openai_client.sh):
+/// $COORDGEN_PYTHON, else target/pyenv. None when absent, unless the test command asked
+/// for it ($COORDGEN_REQUIRE_OPENAI=1, as scripts/test.sh does), which then fails.
+fn openai_python() -> Option<PathBuf> {
+    let p = std::env::var_os("COORDGEN_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_path("target/pyenv/bin/python"));
+    let ok = Command::new(&p).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(p);
+    }
+    assert!(std::env::var("COORDGEN_REQUIRE_OPENAI").as_deref() != Ok("1"), "{} cannot import openai: run scripts/install_openai_client.sh", p.display());
+    eprintln!("skipping: {} cannot import openai (scripts/install_openai_client.sh installs it)", p.display());
+    None
+}
+
+/// The official openai client: chat and completions, streaming and not, equal to
+/// `coordgen generate`; usage; seeded sampling; and its exception types for our errors.
+#[test]
+fn openai_python_client_gets_what_generate_gives() {
+    let _g = serial();
+    let Some(py) = openai_python() else { return };
+    let chat_ref = generate_cli(&config(), &["--chat", "-p", Q1, "--max-tokens", "32"]);
+    let text_ref = generate_cli(&config(), &["-p", TEXT_PROMPT, "--max-tokens", "24"]);
+    let s = Server::start(&config(), &["-m", &smollm2(), "-t", "2", "--parallel", "2", "--api-key", "k3y", "--alias", "smollm2"], &cache(), &[]);
+    let out = Command::new(py)
+        .arg(repo_path("tests/openai_client.py"))
+        .args([&format!("http://{}/v1", s.addr), "k3y", "smollm2", Q1, TEXT_PROMPT])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openai client failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"], json!(["smollm2"]));
+    assert_eq!(v["chat"], chat_ref.as_str());
+    assert_eq!(v["chat_stream"], chat_ref.as_str());
+    assert_eq!((v["chat_finish"].as_str(), v["chat_stream_finish"].as_str()), (Some("length"), Some("length")));
+    let u = &v["chat_usage"];
+    assert_eq!(u[1], 32);
+    assert_eq!(u[2].as_u64(), Some(u[0].as_u64().unwrap() + 32));
+    assert_eq!(v["chat_stream_usage"][1], 32);
+    assert_eq!(v["completion"], text_ref.as_str());
+    assert_eq!(v["completion_stream"], text_ref.as_str());
+    assert_eq!(v["seeded_equal"], true);
+    let e = &v["errors"];
+    assert_eq!((e["wrong_key"].as_u64(), e["unknown_model"].as_u64()), (Some(401), Some(404)), "{e}");
+    assert_eq!(e["too_long"][0], 400, "{e}");
+    assert!(e["too_long"][1].as_str().unwrap().contains("4096"), "{e}");
+}

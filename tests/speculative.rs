@@ -118,6 +118,36 @@ backend = "cpu"
     }
 }
 
+/// Sampling draws one number per sequence position from the seed, so a sampled request
+/// with a drafter gives exactly the tokens plain sampling gives with the same seed (drafts
+/// are accepted when they equal the token the draw picks), whichever drafter.
+#[test]
+fn sampled_output_with_a_drafter_equals_plain_sampling_with_the_same_seed() {
+    let dir = temp_dir("spec-seeded");
+    let smol = model_file(SMOL);
+    let extra = format!("[[plugin]]\nname = \"retrieval\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_retrieval.so\"\n", plugin_dir().display());
+    let cfg = config(&dir, &extra);
+    let mut s = Session::open(cpu_backend(2), &smol, 2048).unwrap();
+    let doc = document();
+    let prompt = chat_prompt(&s, &format!("Here is a text:\n\n{doc}\n\nRepeat its first two sentences exactly."));
+    let mut accepted = 0;
+    for seed in [1u64, 2, 3] {
+        let p = GenerateParams {
+            max_tokens: 64,
+            sampling: SamplingParams { temperature: 0.7, top_p: 0.95, seed, ..Default::default() },
+            ..Default::default()
+        };
+        let plain = run(&mut s, None, &prompt, &p);
+        for name in ["ngram", "retrieval"] {
+            let d = plugins::load_drafters(&cfg, name).unwrap();
+            let g = run(&mut s, Some(d), &prompt, &GenerateParams { draft_budget: Some((10, 6)), ..p.clone() });
+            assert_eq!(g.tokens, plain.tokens, "seed {seed}, drafter {name}: sampled output differs from plain sampling");
+            accepted += g.spec.unwrap().accepted;
+        }
+    }
+    assert!(accepted > 20, "drafts were hardly accepted ({accepted}), so the test shows little");
+}
+
 #[test]
 fn overlapped_drafting_is_lossless_and_drafts_during_verification() {
     let dir = temp_dir("spec-overlap");

@@ -95,13 +95,11 @@ pub fn top_k_probs(logits: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
 
 pub struct Sampler {
     pub params: SamplingParams,
-    rng: Rng,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = Rng::new(params.seed);
-        Sampler { params, rng }
+        Sampler { params }
     }
 
     /// Applies the repetition penalty (llama.cpp's rule: divide positive logits, multiply
@@ -159,25 +157,36 @@ impl Sampler {
         cand[..keep].iter().zip(&probs[..keep]).map(|(c, p)| (c.0, p / total)).collect()
     }
 
-    /// The sampler's random stream (speculative acceptance draws from it too).
-    pub fn rng(&mut self) -> &mut Rng {
-        &mut self.rng
+    /// The uniform draw in [0, 1) that decides the token at sequence position `pos`: a
+    /// function of the seed and the position alone (not of how many draws came before), so
+    /// the same seed gives the same text whether the tokens came from plain steps or from
+    /// verified drafts, in whichever slot or merged batch they were computed.
+    pub fn uniform_at(&self, pos: usize) -> f64 {
+        let key = Rng::new(pos as u64 ^ 0xD1B5_4A32_D192_ED03).next_u64();
+        Rng::new(self.params.seed ^ key).next_f64()
     }
 
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let dist = self.distribution(logits, history);
+    /// The token of `dist` (as [`Sampler::distribution`] gives it) that the draw of
+    /// position `pos` picks.
+    pub fn pick(&self, dist: &[(u32, f32)], pos: usize) -> u32 {
         if dist.len() == 1 {
             return dist[0].0;
         }
-        let r = self.rng.next_f64() as f32;
+        let total: f64 = dist.iter().map(|x| x.1 as f64).sum();
+        let r = self.uniform_at(pos) * total;
         let mut acc = 0.0;
-        for &(tok, p) in &dist {
-            acc += p;
+        for &(tok, p) in dist {
+            acc += p as f64;
             if r < acc {
                 return tok;
             }
         }
-        dist.last().unwrap().0
+        dist.last().map(|x| x.0).unwrap_or(0)
+    }
+
+    /// Samples the token after `history` (at position `history.len()`).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        self.pick(&self.distribution(logits, history), history.len())
     }
 }
 
@@ -204,9 +213,11 @@ mod tests {
     fn same_seed_same_tokens_and_filters_apply() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
         let p = SamplingParams { temperature: 0.8, top_k: 10, top_p: 0.9, seed: 42, ..Default::default() };
+        // One draw per position: histories of lengths 0..100.
+        let hist: Vec<u32> = vec![0; 100];
         let run = || {
             let mut s = Sampler::new(p.clone());
-            (0..100).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+            (0..100).map(|n| s.sample(&logits, &hist[..n])).collect::<Vec<_>>()
         };
         let a = run();
         assert_eq!(a, run());
@@ -215,7 +226,7 @@ mod tests {
         assert!(allowed.len() <= 10);
         assert!(a.iter().all(|t| allowed.contains(t)));
         let mut other = Sampler::new(SamplingParams { seed: 43, ..p });
-        assert_ne!(a, (0..100).map(|_| other.sample(&logits, &[])).collect::<Vec<_>>());
+        assert_ne!(a, (0..100).map(|n| other.sample(&logits, &hist[..n])).collect::<Vec<_>>());
     }
 
     #[test]

@@ -137,64 +137,32 @@ pub struct Verdict {
 /// Walks the tree from the root row. `logits` holds `(t.len() + 1) x n_vocab` rows in batch
 /// order; `history` is the sequence up to and including the pending token (the repetition
 /// penalty looks at it, extended along the path).
+///
+/// At each row the target's token is drawn from its distribution with the draw the sampler
+/// keys on that sequence position ([`Sampler::pick`]), and the child carrying that token,
+/// if any, is accepted. Drafts are token trees without draft probabilities, so this is
+/// speculative sampling with one-hot proposals: a child is accepted with exactly the
+/// target's probability of its token, every output token follows the target's distribution,
+/// and, because the draw depends only on the seed and the position, the text is the same as
+/// plain sampling with the same seed whatever was drafted. Greedy decoding is the special
+/// case of a one-token distribution.
 pub fn accept(t: &Tree, logits: &[f32], n_vocab: usize, history: &[u32], sampler: &mut Sampler) -> Verdict {
     let mut hist = history.to_vec();
     let mut accepted = Vec::new();
     let mut row = 0usize; // batch row whose logits predict the next token
     loop {
         let l = &logits[row * n_vocab..(row + 1) * n_vocab];
-        let mut dist = sampler.distribution(l, &hist);
+        let tok = sampler.pick(&sampler.distribution(l, &hist), hist.len());
         let parent = row as i32 - 1;
-        let children: Vec<usize> = (0..t.len()).filter(|&i| t.parents[i] == parent).collect();
-        let mut remaining = 1.0f64;
-        let mut chosen = None;
-        for &c in &children {
-            let tok = t.tokens[c];
-            let Some(k) = dist.iter().position(|x| x.0 == tok) else { continue };
-            let p = dist[k].1 as f64;
-            if p <= 0.0 {
-                continue;
-            }
-            // Accept with probability p / remaining (the target's probability of this token
-            // given that the earlier siblings were rejected); certain acceptance draws nothing,
-            // so greedy decoding never touches the random stream.
-            if p >= remaining || sampler.rng().next_f64() * remaining < p {
-                chosen = Some(c);
-                break;
-            }
-            remaining -= p;
-            dist[k].1 = 0.0;
-        }
-        match chosen {
+        match (0..t.len()).find(|&i| t.parents[i] == parent && t.tokens[i] == tok) {
             Some(c) => {
                 accepted.push(c);
-                hist.push(t.tokens[c]);
+                hist.push(tok);
                 row = c + 1;
             }
-            None => {
-                let next = draw(&dist, sampler);
-                return Verdict { accepted, next };
-            }
+            None => return Verdict { accepted, next: tok },
         }
     }
-}
-
-/// Draws from what is left of `dist` (rejected tokens have probability 0), renormalised.
-fn draw(dist: &[(u32, f32)], sampler: &mut Sampler) -> u32 {
-    let live: Vec<&(u32, f32)> = dist.iter().filter(|x| x.1 > 0.0).collect();
-    if live.len() == 1 {
-        return live[0].0;
-    }
-    let total: f64 = live.iter().map(|x| x.1 as f64).sum();
-    let r = sampler.rng().next_f64() * total;
-    let mut acc = 0.0;
-    for x in &live {
-        acc += x.1 as f64;
-        if r < acc {
-            return x.0;
-        }
-    }
-    live.last().map(|x| x.0).unwrap_or(dist[0].0)
 }
 
 #[cfg(test)]
