@@ -139,7 +139,11 @@ impl Core {
             let batch = take_batch(&mut q.jobs);
             drop(q);
             let t = Instant::now();
-            let results = self.run(&batch);
+            // A panic here must not leave `leader` set (every session would wait forever):
+            // the jobs of this batch get an error instead.
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&batch))).unwrap_or_else(|_| {
+                batch.iter().map(|_| Err(PluginError::Call { plugin: self.name.clone(), message: "a merged forward panicked".into() })).collect()
+            });
             let took = t.elapsed();
             q = lock(&self.queue);
             q.last_exec = took;
