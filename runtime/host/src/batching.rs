@@ -33,7 +33,8 @@ struct Job {
 #[derive(Default)]
 struct Queue {
     jobs: Vec<Job>,
-    done: HashMap<u64, PResult<Vec<f32>>>,
+    /// Results by job id, with the tokens and the number of forwards merged in that call.
+    done: HashMap<u64, (PResult<Vec<f32>>, u32, u32)>,
     leader: bool,
     next_id: u64,
     last_exec: Duration,
@@ -95,7 +96,7 @@ impl Batcher {
 
     /// A backend view for one session.
     pub fn backend(&self) -> Box<dyn Backend> {
-        Box::new(SharedBackend(self.0.clone()))
+        Box::new(SharedBackend { core: self.0.clone(), last_merge: (0, 0) })
     }
 
     /// Marks one session's request as running until the guard drops.
@@ -110,7 +111,7 @@ impl Batcher {
 }
 
 impl Core {
-    fn forward(&self, f: &Forward<'_>) -> PResult<Vec<f32>> {
+    fn forward(&self, f: &Forward<'_>) -> (PResult<Vec<f32>>, u32, u32) {
         let mut q = lock(&self.queue);
         let id = q.next_id;
         q.next_id += 1;
@@ -147,8 +148,9 @@ impl Core {
             let took = t.elapsed();
             q = lock(&self.queue);
             q.last_exec = took;
+            let tokens: u32 = batch.iter().map(|j| j.tokens.len() as u32).sum();
             for (job, r) in batch.iter().zip(results) {
-                q.done.insert(job.id, r);
+                q.done.insert(job.id, (r, tokens, batch.len() as u32));
             }
             q.leader = false;
             self.wake.notify_all();
@@ -204,20 +206,24 @@ fn take_batch(jobs: &mut Vec<Job>) -> Vec<Job> {
 
 /// A session's view of the shared backend: forwards merge, everything else goes straight
 /// to the backend under its lock.
-pub struct SharedBackend(Arc<Core>);
+pub struct SharedBackend {
+    core: Arc<Core>,
+    /// Other sessions' tokens and forwards in this session's last forward.
+    last_merge: (u32, u32),
+}
 
 impl SharedBackend {
     fn with<T>(&self, f: impl FnOnce(&mut Box<dyn Backend>) -> T) -> T {
-        f(&mut lock(&self.0.backend))
+        f(&mut lock(&self.core.backend))
     }
 }
 
 impl Backend for SharedBackend {
     fn name(&self) -> &str {
-        &self.0.name
+        &self.core.name
     }
     fn identity(&self) -> String {
-        self.0.identity.clone()
+        self.core.identity.clone()
     }
     fn capabilities(&self) -> Capabilities {
         self.with(|b| b.capabilities())
@@ -225,7 +231,7 @@ impl Backend for SharedBackend {
     fn set_threads(&mut self, n: u32) -> PResult<()> {
         // The threads belong to every session at once; a single one cannot take them.
         let _ = n;
-        Err(PluginError::Call { plugin: self.0.name.clone(), message: "a shared backend's threads are fixed".into() })
+        Err(PluginError::Call { plugin: self.core.name.clone(), message: "a shared backend's threads are fixed".into() })
     }
     fn load_model(&mut self, path: &Path) -> PResult<ModelInfo> {
         self.with(|b| b.load_model(path))
@@ -252,7 +258,12 @@ impl Backend for SharedBackend {
         self.with(|b| b.keep_entries(slot, start, keep))
     }
     fn forward(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>> {
-        self.0.forward(f)
+        let (r, tokens, forwards) = self.core.forward(f);
+        self.last_merge = (tokens.saturating_sub(f.tokens.len() as u32), forwards.saturating_sub(1));
+        r
+    }
+    fn merged_with(&self) -> Option<(u32, u32)> {
+        Some(self.last_merge)
     }
     fn stats_json(&self) -> String {
         self.with(|b| b.stats_json())

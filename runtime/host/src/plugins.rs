@@ -82,6 +82,11 @@ pub trait Backend: Send {
         fs.iter().map(|f| self.forward(f)).collect()
     }
     fn stats_json(&self) -> String;
+    /// For a backend shared by several sessions whose forwards are merged: the other
+    /// sessions' tokens and their number in this session's last forward (None = not shared).
+    fn merged_with(&self) -> Option<(u32, u32)> {
+        None
+    }
 }
 
 /// A proposed token tree (see the interface crate for the parent-array form).

@@ -19,6 +19,9 @@ pub struct StepInput {
     pub max_depth: u32,
     pub max_width: u32,
     pub extension: bool,
+    /// Other requests' tokens in the same forward, and how many requests (see `StepState`).
+    pub shared_tokens: u32,
+    pub shared_slots: u32,
 }
 
 /// What to ask the drafter for this step (`depth == 0` means a plain step).
@@ -115,6 +118,8 @@ impl Scheduler for ForeignScheduler {
             max_depth: s.max_depth,
             max_width: s.max_width,
             extension: s.extension,
+            shared_tokens: s.shared_tokens,
+            shared_slots: s.shared_slots,
         };
         let r = self.obj.plan_step(&st);
         let p = call(&self.name, r)?;
@@ -148,7 +153,7 @@ mod tests {
         let samples: Vec<CostSample> =
             (1..=16u32).map(|w| CostSample { width: w, context: 100, rows: w, micros: if w <= 7 { 10_000 } else { 30_000 } }).collect();
         f.observe_costs(&samples).unwrap();
-        let mut s = StepInput { context_len: 100, remaining_tokens: 10, acceptance_by_depth: vec![0.5; 8], draft_ms_per_level: 0.0, max_depth: 8, max_width: 16, extension: false };
+        let mut s = StepInput { context_len: 100, remaining_tokens: 10, acceptance_by_depth: vec![0.5; 8], draft_ms_per_level: 0.0, max_depth: 8, max_width: 16, extension: false, shared_tokens: 0, shared_slots: 0 };
         assert_eq!(f.plan_step(&s).unwrap(), Budget { depth: 4, nodes: 4 });
         s.extension = true;
         assert_eq!(f.plan_step(&s).unwrap(), Budget { depth: 4, nodes: 6 });

@@ -42,6 +42,12 @@ pub struct StepState {
     pub max_width: u32,
     /// Whether drafts may grow into trees wider than their depth (draft extension).
     pub extension: bool,
+    /// Tokens of other requests that share this step's forward (a server's merged slots;
+    /// 0 when the request runs alone): the step's cost is that of the joint width.
+    pub shared_tokens: u32,
+    /// How many other requests share it: their tokens come out of the same forward, so
+    /// a wider draft that slows it slows them too.
+    pub shared_slots: u32,
 }
 
 /// What the next step should do.

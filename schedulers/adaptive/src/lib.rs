@@ -87,8 +87,20 @@ impl Adaptive {
     /// Nodes a draft of depth `d` may hold.
     fn nodes_for(&self, st: &StepState, d: u32) -> u32 {
         let cap = st.max_width.max(2) - 1;
-        let n = if st.extension { d.max(self.free(st.context_len, st.max_width) - 1) } else { d };
+        let free = if st.shared_tokens == 0 { self.free(st.context_len, st.max_width) } else { self.free_beside(st.shared_tokens, st.context_len, st.max_width) };
+        let n = if st.extension { d.max(free - 1) } else { d };
         n.min(cap).max(d.min(cap))
+    }
+
+    /// The nearly free width when `base` tokens of other requests share the forward: the
+    /// widest `w` whose joint forward costs at most `free_factor` times the joint forward
+    /// with one token of ours.
+    fn free_beside(&self, base: u32, ctx: u32, max_width: u32) -> u32 {
+        if self.verify.is_empty() {
+            return 1;
+        }
+        let one = self.verify.latency(base + 1, ctx);
+        (1..=max_width.max(1)).filter(|&w| self.verify.latency(base + w, ctx) <= self.opts.free_factor * one).max().unwrap_or(1)
     }
 
     /// Expected tokens of a step whose draft goes `d` deep (the target's own token included).
@@ -101,15 +113,20 @@ impl Adaptive {
         e
     }
 
+    /// The step's draft: the depth with the most tokens per ms of the forward. When other
+    /// requests share the forward (a server's merged slots), it is the most tokens of all
+    /// of them per ms of the joint forward, counting one token for each of the others: a
+    /// draft only pays if what it adds is worth slowing everyone's step.
     pub fn plan(&mut self, st: &StepState) -> StepPlan {
         let ctx = st.context_len;
-        let lat = |w: u32| self.verify.latency(w, ctx);
-        let mut best = (0u32, 1.0 / lat(1));
+        let (base, others) = (st.shared_tokens, st.shared_slots as f64);
+        let lat = |w: u32| self.verify.latency(base + w, ctx);
+        let mut best = (0u32, (others + 1.0) / lat(1));
         let max_depth = st.max_depth.min(st.acceptance_by_depth.len() as u32).min(st.max_width.max(2) - 1);
         for d in 1..=max_depth {
             let n = self.nodes_for(st, d);
             let cost = lat(n + 1) + st.draft_ms_per_level as f64 * d as f64;
-            let rate = Self::expected_tokens(st, d) / cost;
+            let rate = (others + Self::expected_tokens(st, d)) / cost;
             if rate > best.1 {
                 best = (d, rate);
             }
@@ -205,7 +222,24 @@ mod tests {
             max_depth: 8,
             max_width: 16,
             extension,
+            shared_tokens: 0,
+            shared_slots: 0,
         }
+    }
+
+    #[test]
+    fn drafts_less_when_other_requests_share_the_forward() {
+        // 10 ms + 3 ms per extra token: alone, a draft accepted 60% of the time pays...
+        let mut s = Adaptive::new("").unwrap();
+        s.add_costs(&costs(3.0));
+        assert!(s.plan(&state(0.6, false)).draft_depth > 0);
+        // ...but beside 7 other requests' tokens it would slow 7 others for 0.6 of a token.
+        let shared = StepState { shared_tokens: 7, shared_slots: 7, ..state(0.6, false) };
+        assert_eq!(s.plan(&shared).draft_depth, 0, "a draft that slows every request must not be verified");
+        // A nearly free forward (0.2 ms per extra token) still drafts beside them.
+        let mut cheap = Adaptive::new("").unwrap();
+        cheap.add_costs(&costs(0.2));
+        assert!(cheap.plan(&shared).draft_depth > 0);
     }
 
     #[test]

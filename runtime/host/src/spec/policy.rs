@@ -147,6 +147,8 @@ impl Policy {
             max_depth: self.max_depth,
             max_width: max_width as u32,
             extension,
+            shared_tokens: 0,
+            shared_slots: 0,
         }
     }
 

@@ -21,7 +21,7 @@ use super::tree::{self, Tree, HOST_NODE};
 use crate::engine::{GenerateParams, Generation, Session, Timings, DEFAULT_PREFILL_CHUNK};
 use crate::plugins::{Draft, Drafter, Feedback, Forward};
 use crate::sampling::Sampler;
-use crate::scheduler::{Budget, Fixed, Scheduler};
+use crate::scheduler::{Budget, Fixed, Scheduler, StepInput};
 
 /// What speculation did during one request.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -291,9 +291,12 @@ impl Session {
                 let room = (self.n_ctx - base - 2) as u32;
                 let remaining = p.max_tokens.saturating_sub(em.tokens.len());
                 let ext = p.techniques.extension;
+                // Other requests merged into the last forward (a server's slots): the step
+                // is planned for the joint width.
+                let (shared_tokens, shared_slots) = self.backend.merged_with().unwrap_or((0, 0));
                 let mut plan = |class: Option<usize>, policy: &Policy| match p.draft_budget {
                     Some((nodes, depth)) => Budget { depth, nodes },
-                    None => sched.plan_step(&policy.input(class, base + 1, remaining, max_width, ext)).unwrap_or_else(|e| {
+                    None => sched.plan_step(&StepInput { shared_tokens, shared_slots, ..policy.input(class, base + 1, remaining, max_width, ext) }).unwrap_or_else(|e| {
                         tracing::warn!(error = %e, "scheduler failed; plain step");
                         Budget { depth: 0, nodes: 0 }
                     }),
@@ -409,7 +412,9 @@ impl Session {
                 let verify_ms = verify_us as f64 / 1e3;
                 stats.verify_ms += verify_ms;
                 last_verify_ms = Some(verify_ms);
-                if let Err(e) = sched.observe_step(CostSample { width: w as u32, context: base as u32, rows: w as u32, micros: verify_us }) {
+                // The forward's cost is that of its joint width when others shared it.
+                let joint = w as u32 + self.backend.merged_with().map(|m| m.0).unwrap_or(0);
+                if let Err(e) = sched.observe_step(CostSample { width: joint, context: base as u32, rows: joint, micros: verify_us }) {
                     tracing::warn!(error = %e, "scheduler could not record a step");
                 }
                 let ta = Instant::now();
