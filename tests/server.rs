@@ -252,7 +252,9 @@ fn disconnects_a_panicking_drafter_and_sigterm() {
     let body = chat_body(&[("user", "Tell me a very long story about a dragon.")], 2000, true).to_string();
     let addr = s.addr.clone();
     let client = std::thread::spawn(move || request(&addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], body.as_bytes()));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Once the request holds the slot (it is generating), stop the server.
+    s.wait_idle(0, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
     assert!(s.terminate(Duration::from_secs(20)), "the server did not exit cleanly on SIGTERM:\n{}", s.log());
     let r = client.join().unwrap();
     let (_, last, _) = stream_text(&r);

@@ -348,9 +348,10 @@ fn sampling_follows_the_target_distribution() {
 fn failing_drafters_degrade_to_plain_output() {
     let dir = temp_dir("spec-flaky");
     let mut extra = String::new();
-    for mode in ["panic", "error", "garbage"] {
+    let modes = ["panic", "error", "garbage", "oov", "hang"];
+    for mode in modes {
         extra += &format!(
-            "[[plugin]]\nname = \"flaky-{mode}\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_test_flaky_drafter.so\"\n[plugin.options]\nmode = \"{mode}\"\nfail_after = 4\n",
+            "[[plugin]]\nname = \"flaky-{mode}\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_test_flaky_drafter.so\"\n[plugin.options]\nmode = \"{mode}\"\nfail_after = 4\nhang_ms = 30000\n",
             plugin_dir().display()
         );
     }
@@ -358,14 +359,20 @@ fn failing_drafters_degrade_to_plain_output() {
     let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 1024).unwrap();
     let prompt = chat_prompt(&s, &format!("Repeat this text:\n{}", &document()[..600]));
     let plain = run(&mut s, None, &prompt, &greedy(64));
-    for mode in ["panic", "error", "garbage"] {
+    for mode in modes {
         let d = plugins::load_drafters(&cfg, &format!("flaky-{mode}")).unwrap();
-        let g = run(&mut s, Some(d), &prompt, &greedy(64));
+        // A short proposal limit, so the hanging drafter is abandoned after 0.5 s.
+        let p = GenerateParams { draft_timeout: Some(std::time::Duration::from_millis(500)), ..greedy(64) };
+        let t0 = std::time::Instant::now();
+        let g = run(&mut s, Some(d), &prompt, &p);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20) || mode != "hang", "the hung drafter held the request for {:?}", t0.elapsed());
         assert_eq!(g.tokens, plain.tokens, "{mode}");
         let e = g.spec.unwrap().drafter_error.unwrap_or_else(|| panic!("{mode}: the failure should be reported"));
         let want = match mode {
             "panic" => "plugin panicked: flaky drafter gave up",
             "error" => "flaky drafter error",
+            "oov" => "outside the vocabulary",
+            "hang" => "no answer within 500 ms",
             _ => "parents must precede",
         };
         assert!(e.contains(want), "{mode}: {e}");

@@ -59,6 +59,9 @@ struct Options {
     /// Element type of the KV cache: "f32" (default) or "f16" (half the bytes attention
     /// reads per token over a long context).
     kv_type: Option<String>,
+    /// Caps the memory the backend allocates (repacked weights and KV slots), in MiB.
+    /// Without it, each allocation is checked against the memory available at the time.
+    memory_budget_mb: Option<u64>,
 }
 
 pub struct CpuBackend {
@@ -66,6 +69,8 @@ pub struct CpuBackend {
     isa: Isa,
     act_bits: ActBits,
     kv_type: KvType,
+    /// Cap on what the backend allocates, in bytes (`memory_budget_mb`).
+    memory_budget: Option<u64>,
     models: HashMap<u64, Arc<CpuModel>>,
     slots: HashMap<u32, Slot>,
     next_model: u64,
@@ -86,6 +91,7 @@ impl CpuBackend {
             isa: simd::detect(),
             act_bits: ActBits::Eight,
             kv_type: KvType::F32,
+            memory_budget: None,
             models: HashMap::new(),
             slots: HashMap::new(),
             next_model: 1,
@@ -105,6 +111,7 @@ impl CpuBackend {
             None | Some(8) => ActBits::Eight,
             Some(other) => return Err(format!("cpu backend options: activation_bits must be 15 or 8, not {other}")),
         };
+        b.memory_budget = opts.memory_budget_mb.map(|m| m.saturating_mul(1 << 20));
         if let Some(t) = &opts.kv_type {
             b.kv_type = KvType::parse(t).map_err(|e| format!("cpu backend options: {e}"))?;
         }
@@ -135,7 +142,15 @@ impl CpuBackend {
         }
     }
 
+    /// Bytes this backend holds beyond the mapped files: repacked weights and KV slots.
+    fn used_bytes(&self) -> u64 {
+        self.models.values().map(|m| m.extra_bytes).sum::<u64>() + self.slots.values().map(|s| s.bytes() as u64).sum::<u64>()
+    }
+
     pub fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
+        // The kernels' repacked copies of the weights take about the file's tensor bytes.
+        let need = coordgen_model::ModelFile::open(path).map_err(|e| e.to_string())?.weight_bytes();
+        coordgen_interface::checks::check_fits(&format!("loading {path}"), need, self.used_bytes(), self.memory_budget)?;
         let m = CpuModel::load(path, self.isa, self.pool.threads())?;
         let id = self.next_model;
         self.next_model += 1;
@@ -173,6 +188,13 @@ impl CpuBackend {
             return Err("a KV slot needs at least one entry".into());
         }
         let m = self.model(model)?.clone();
+        let elem = match self.kv_type {
+            KvType::F32 => 4u64,
+            KvType::F16 => 2,
+        };
+        let need = (n_ctx as u64).saturating_mul(m.kv_dim() as u64).saturating_mul(m.hp.n_layer as u64).saturating_mul(2 * elem);
+        coordgen_interface::checks::check_fits(&format!("a KV cache of {n_ctx} entries"), need, self.used_bytes(), self.memory_budget)
+            .map_err(|e| format!("{e}; lower --ctx-size"))?;
         let id = self.next_slot;
         self.next_slot += 1;
         self.slots.insert(id, Slot::new(model, &m, n_ctx as usize, self.kv_type));
@@ -293,8 +315,8 @@ impl CpuBackend {
 pub struct FfiCpu(CpuBackend);
 
 impl BackendFfi for FfiCpu {
-    fn capabilities(&self) -> BackendCaps {
-        self.0.capabilities()
+    fn capabilities(&self) -> RResult<BackendCaps, RString> {
+        guard(|| Ok(self.0.capabilities()))
     }
     fn set_threads(&mut self, n: u32) -> RResult<(), RString> {
         guard(|| {
@@ -334,8 +356,8 @@ impl BackendFfi for FfiCpu {
             Ok(ForwardOutput { n_vocab: n_vocab as u32, logits: RVec::from(logits) })
         })
     }
-    fn stats_json(&self) -> RString {
-        RString::from(self.0.stats_json())
+    fn stats_json(&self) -> RResult<RString, RString> {
+        guard(|| Ok(RString::from(self.0.stats_json())))
     }
     fn forward_slots(&mut self, bs: RSlice<'_, ForwardBatch>) -> RResult<RVec<ForwardOutput>, RString> {
         guard(|| {

@@ -221,8 +221,8 @@ impl VulkanBackend {
 pub struct FfiVulkan(VulkanBackend);
 
 impl BackendFfi for FfiVulkan {
-    fn capabilities(&self) -> BackendCaps {
-        self.0.capabilities()
+    fn capabilities(&self) -> RResult<BackendCaps, RString> {
+        guard(|| Ok(self.0.capabilities()))
     }
     fn set_threads(&mut self, _n: u32) -> RResult<(), RString> {
         RResult::ROk(())
@@ -259,8 +259,8 @@ impl BackendFfi for FfiVulkan {
             Ok(ForwardOutput { n_vocab: n_vocab as u32, logits: RVec::from(logits) })
         })
     }
-    fn stats_json(&self) -> RString {
-        RString::from(self.0.stats_json())
+    fn stats_json(&self) -> RResult<RString, RString> {
+        guard(|| Ok(RString::from(self.0.stats_json())))
     }
 }
 

@@ -3,7 +3,6 @@
 //! version, token count, a length-prefixed tokenizer model path, the tokens, the suffix
 //! array, and an FNV-1a checksum of everything before it. A damaged file is an error.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"CGDS";
@@ -13,7 +12,8 @@ pub const SEPARATOR: u32 = u32::MAX;
 /// Suffixes are ordered on their first `SORT_DEPTH` tokens; matches and drafts stay within it.
 pub const SORT_DEPTH: usize = 64;
 
-fn fnv(bytes: &[u8]) -> u64 {
+/// The checksum a datastore ends with (FNV-1a over everything before it).
+pub fn fnv(bytes: &[u8]) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for &b in bytes {
         h ^= b as u64;
@@ -54,8 +54,7 @@ pub fn write(path: &Path, model: &Path, docs: &[Vec<u32>]) -> Result<usize, Stri
     }
     let sum = fnv(&buf);
     buf.extend_from_slice(&sum.to_le_bytes());
-    let mut f = std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.write_all(&buf).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    crate::atomic::write_atomic(path, &buf).map_err(|e| format!("cannot write datastore {}: {e}", path.display()))?;
     Ok(sa.len())
 }
 
@@ -78,6 +77,11 @@ pub struct Range {
 impl Datastore {
     pub fn load(path: &Path) -> Result<Datastore, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read datastore {}: {e}", path.display()))?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses a datastore's bytes; `path` names it in messages.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Datastore, String> {
         let bad = |why: String| format!("datastore {} is corrupt or not a datastore ({why}); rebuild it with `coordgen index`", path.display());
         if bytes.len() < 36 || &bytes[..4] != MAGIC {
             return Err(bad("no CGDS header".into()));

@@ -3,7 +3,6 @@
 //! persists across runs; a damaged file is reported, never half-loaded.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 const MAGIC: &[u8; 4] = b"CGNG";
@@ -62,6 +61,11 @@ impl NgramCache {
 
     pub fn load(path: &Path) -> Result<NgramCache, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("cannot read n-gram cache {}: {e}", path.display()))?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Parses an n-gram cache's bytes; `path` names it in messages.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<NgramCache, String> {
         let bad = |why: &str| format!("n-gram cache {} is corrupt ({why}); delete it to start a new cache", path.display());
         if bytes.len() < 16 || &bytes[..4] != MAGIC {
             return Err(bad("not an n-gram cache file"));
@@ -107,17 +111,7 @@ impl NgramCache {
                 }
             }
         }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
-        }
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&buf)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| format!("cannot write n-gram cache {}: {e}", path.display()))
+        crate::atomic::write_atomic(path, &buf).map_err(|e| format!("cannot write n-gram cache {}: {e}", path.display()))
     }
 }
 

@@ -79,9 +79,7 @@ fn save(key: &str, samples: &[CostSample]) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let rows: Vec<[u64; 4]> = samples.iter().map(|s| [s.width as u64, s.context as u64, s.rows as u64, s.micros]).collect();
     let text = serde_json::json!({ "key": key, "format": "[width, context, logit rows, microseconds]", "samples": rows }).to_string();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    coordgen_drafter_store::atomic::write_atomic(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }
 

@@ -21,6 +21,13 @@ fn raise_exception(msg: String) -> std::result::Result<String, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// Instructions a template may run per render. Real chat templates over long conversations
+/// run tens of thousands; a hostile one (a huge loop, deep recursion) stops here with an
+/// error instead of hanging the request.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Longest text a render may produce (a template that multiplies strings stops here).
+pub const MAX_RENDERED_BYTES: usize = 64 << 20;
+
 /// Renders `template` over `messages`; `add_generation_prompt` opens the assistant turn.
 pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
     let mut env = Environment::new();
@@ -29,6 +36,7 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
     env.add_function("raise_exception", raise_exception);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.add_template("chat", template).map_err(|e| anyhow!("the model's chat template does not parse: {e}"))?;
     let tmpl = env.get_template("chat")?;
     tmpl.render(context! {
@@ -38,5 +46,15 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
         eos_token => eos,
         tools => minijinja::Value::UNDEFINED,
     })
-    .map_err(|e| anyhow!("rendering the chat template failed: {e}"))
+    .map_err(|e| match e.kind() {
+        ErrorKind::OutOfFuel => anyhow!("the chat template ran more than {TEMPLATE_FUEL} instructions (a runaway loop?); rendering stopped"),
+        _ => anyhow!("rendering the chat template failed: {e}"),
+    })
+    .and_then(|s| {
+        if s.len() > MAX_RENDERED_BYTES {
+            Err(anyhow!("the chat template produced {} bytes, more than the {MAX_RENDERED_BYTES} allowed", s.len()))
+        } else {
+            Ok(s)
+        }
+    })
 }

@@ -99,6 +99,9 @@ pub struct GenerateParams {
     pub draft_budget: Option<(u32, u32)>,
     /// Which of CoordGen's drafting techniques are on.
     pub techniques: Techniques,
+    /// Longest a drafter may take over one proposal before it is abandoned and the request
+    /// goes on with plain decoding (None: `COORDGEN_DRAFT_TIMEOUT_MS`, or 10 s).
+    pub draft_timeout: Option<std::time::Duration>,
 }
 
 /// Switches for the techniques of context-heavy decoding (scheduling is chosen by the
@@ -158,6 +161,7 @@ impl Default for GenerateParams {
             max_draft_width: 16,
             draft_budget: None,
             techniques: Techniques::default(),
+            draft_timeout: None,
         }
     }
 }
@@ -226,7 +230,8 @@ impl Session {
             bail!("tokenizer has {} tokens but the model's output has only {}", tok.vocab_size(), model.n_vocab);
         }
         let n_ctx = if n_ctx == 0 { model.n_ctx_train.min(8192) } else { n_ctx };
-        let slot = backend.create_slot(model.handle, n_ctx as u32)?;
+        let n_ctx32 = u32::try_from(n_ctx).map_err(|_| anyhow::anyhow!("a context of {n_ctx} entries is more than a KV slot holds (at most {})", u32::MAX))?;
+        let slot = backend.create_slot(model.handle, n_ctx32)?;
         Ok(Session {
             backend,
             model,
@@ -265,6 +270,15 @@ impl Session {
                 check_same_vocab(&self.tok, &theirs).map_err(|e| {
                     anyhow!("drafter '{}' uses {}, whose vocabulary is not compatible with the target model's: {e}", d.name(), path.display())
                 })?;
+            }
+            if !self.backend.capabilities().batch_invariant {
+                let msg = format!(
+                    "backend '{}' does not promise batch invariance: with drafter '{}', greedy output may differ from plain decoding wherever a verification batch rounds differently",
+                    self.backend.name(),
+                    d.name()
+                );
+                tracing::warn!("{msg}");
+                eprintln!("warning: {msg}");
             }
         }
         self.drafter = d;

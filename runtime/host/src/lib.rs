@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod chat;
 pub mod config;
 pub mod engine;
+pub mod fuzz_targets;
 pub mod index;
 pub mod plugins;
 pub mod replay;

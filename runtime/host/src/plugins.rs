@@ -1,11 +1,13 @@
 //! Plugin loading (abi_stable's loader on top of libloading) and the host-side adapters that
 //! turn foreign plugin objects into native Rust traits, so FFI types stay in this module.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibHeader};
 use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
 use coordgen_interface::{
+    BackendCaps, ForwardOutput,
     BackendBox, BackendModRef, DraftBudget, DraftFeedback, DrafterBox, DrafterModRef, ForwardBatch, LoadRequest, PluginInfo,
     SchedulerModRef, INTERFACE_VERSION,
 };
@@ -247,7 +249,9 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
         .map_err(|e| load_err(name, format!("could not start: {e}")))?;
     let (size, mtime) = file_stamp(&path);
     let identity = format!("{}:{}:{size}:{mtime}:{options}", entry.name, path.display());
-    Ok((Box::new(ForeignBackend { name: entry.name.clone(), identity, obj }), info))
+    let caps = call(&entry.name, obj.capabilities()).map_err(|e| load_err(name, format!("could not report its capabilities: {e}")))?;
+    let b = ForeignBackend { name: entry.name.clone(), identity, obj, caps: std::sync::Mutex::new(caps_of(caps)), models: HashMap::new(), slots: HashMap::new() };
+    Ok((Box::new(b), info))
 }
 
 /// Loads a drafter plugin named in the config.
@@ -260,7 +264,10 @@ pub fn load_drafter(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Drafter
     let obj = (module.create())(RStr::from(options.as_str()))
         .into_result()
         .map_err(|e| load_err(name, format!("could not start: {e}")))?;
-    Ok((Box::new(ForeignDrafter { name: entry.name.clone(), obj, own_threads }), info))
+    let vocab = call(&entry.name, obj.vocabulary()).map_err(|e| load_err(name, format!("could not name its vocabulary: {e}")))?.into_string();
+    let vocabulary = (!vocab.is_empty()).then(|| PathBuf::from(vocab));
+    let calibration_top_k = call(&entry.name, obj.calibration_top_k()).map_err(|e| load_err(name, format!("could not say what calibration it wants: {e}")))?;
+    Ok((Box::new(ForeignDrafter { name: entry.name.clone(), obj, own_threads, vocabulary, calibration_top_k }), info))
 }
 
 /// Loads the drafter(s) named by `spec`: one plugin name, or several joined by `,` which are
@@ -336,6 +343,25 @@ struct ForeignBackend {
     name: String,
     identity: String,
     obj: BackendBox,
+    /// The last capabilities the plugin reported (kept for when a later call fails).
+    caps: std::sync::Mutex<Capabilities>,
+    /// Vocabulary size per loaded model, and the model of each slot: the host checks every
+    /// forward's logits against them rather than trusting the plugin's lengths.
+    models: HashMap<u64, usize>,
+    slots: HashMap<u32, u64>,
+}
+
+fn caps_of(c: BackendCaps) -> Capabilities {
+    Capabilities {
+        weight_types: c.weight_types.iter().map(|s| s.to_string()).collect(),
+        kv_types: c.kv_types.iter().map(|s| s.to_string()).collect(),
+        widths: c.widths.to_vec(),
+        max_width: c.max_width,
+        max_context: c.max_context,
+        width_switch_cost_us: c.width_switch_cost_us,
+        batch_invariant: c.batch_invariant,
+        threads: c.threads,
+    }
 }
 
 /// Converts a plugin call's result, naming the plugin in the error.
@@ -347,6 +373,25 @@ impl ForeignBackend {
     fn call<T>(&self, r: RResult<T, RString>) -> PResult<T> {
         call(&self.name, r)
     }
+
+    /// Checks that a forward returned `rows x n_vocab` logits for the slot's model.
+    fn check_logits(&self, f: &Forward<'_>, out: &ForwardOutput) -> PResult<()> {
+        let n_vocab = self.slots.get(&f.slot).and_then(|m| self.models.get(m)).copied();
+        let want = n_vocab.map(|v| v * f.logit_rows.len());
+        if want.is_some_and(|w| w != out.logits.len()) || n_vocab.is_some_and(|v| v != out.n_vocab as usize) {
+            return Err(PluginError::Call {
+                plugin: self.name.clone(),
+                message: format!(
+                    "forward returned {} logits of vocabulary {} for {} rows, but the model's vocabulary is {}",
+                    out.logits.len(),
+                    out.n_vocab,
+                    f.logit_rows.len(),
+                    n_vocab.unwrap_or_default()
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Backend for ForeignBackend {
@@ -357,17 +402,13 @@ impl Backend for ForeignBackend {
         self.identity.clone()
     }
     fn capabilities(&self) -> Capabilities {
-        let c = self.obj.capabilities();
-        Capabilities {
-            weight_types: c.weight_types.iter().map(|s| s.to_string()).collect(),
-            kv_types: c.kv_types.iter().map(|s| s.to_string()).collect(),
-            widths: c.widths.to_vec(),
-            max_width: c.max_width,
-            max_context: c.max_context,
-            width_switch_cost_us: c.width_switch_cost_us,
-            batch_invariant: c.batch_invariant,
-            threads: c.threads,
+        let mut cached = self.caps.lock().unwrap_or_else(|p| p.into_inner());
+        match self.call(self.obj.capabilities()) {
+            Ok(c) => *cached = caps_of(c),
+            // Reported each time it happens; the last good answer stands in.
+            Err(e) => tracing::warn!("{e}; using its last reported capabilities"),
         }
+        cached.clone()
     }
     fn set_threads(&mut self, n: u32) -> PResult<()> {
         let r = self.obj.set_threads(n);
@@ -377,6 +418,7 @@ impl Backend for ForeignBackend {
         let req = LoadRequest { path: path.to_string_lossy().as_ref().into(), options_json: RString::new() };
         let r = self.obj.load_model(&req);
         let d = self.call(r)?;
+        self.models.insert(d.handle, d.n_vocab as usize);
         Ok(ModelInfo {
             handle: d.handle,
             arch: d.arch.into_string(),
@@ -390,14 +432,18 @@ impl Backend for ForeignBackend {
     }
     fn unload_model(&mut self, model: u64) -> PResult<()> {
         let r = self.obj.unload_model(model);
+        self.models.remove(&model);
         self.call(r)
     }
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> PResult<u32> {
         let r = self.obj.create_slot(model, n_ctx);
-        self.call(r)
+        let slot = self.call(r)?;
+        self.slots.insert(slot, model);
+        Ok(slot)
     }
     fn free_slot(&mut self, slot: u32) -> PResult<()> {
         let r = self.obj.free_slot(slot);
+        self.slots.remove(&slot);
         self.call(r)
     }
     fn slot_len(&self, slot: u32) -> PResult<u32> {
@@ -418,6 +464,7 @@ impl Backend for ForeignBackend {
     fn forward(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>> {
         let r = self.obj.forward(&ffi_batch(f));
         let out = self.call(r)?;
+        self.check_logits(f, &out)?;
         Ok(out.logits.into_vec())
     }
     fn forward_slots(&mut self, fs: &[Forward<'_>]) -> PResult<Vec<Vec<f32>>> {
@@ -427,10 +474,16 @@ impl Backend for ForeignBackend {
         if outs.len() != fs.len() {
             return Err(PluginError::Call { plugin: self.name.clone(), message: format!("forward_slots returned {} outputs for {} batches", outs.len(), fs.len()) });
         }
+        for (f, o) in fs.iter().zip(outs.iter()) {
+            self.check_logits(f, o)?;
+        }
         Ok(outs.into_iter().map(|o| o.logits.into_vec()).collect())
     }
     fn stats_json(&self) -> String {
-        self.obj.stats_json().into_string()
+        match self.call(self.obj.stats_json()) {
+            Ok(s) => s.into_string(),
+            Err(e) => serde_json::json!({ "error": e.to_string() }).to_string(),
+        }
     }
 }
 
@@ -448,6 +501,9 @@ struct ForeignDrafter {
     name: String,
     obj: DrafterBox,
     own_threads: u32,
+    /// Asked once at load (a failure there is a load error).
+    vocabulary: Option<PathBuf>,
+    calibration_top_k: u32,
 }
 
 impl ForeignDrafter {
@@ -483,11 +539,10 @@ impl Drafter for ForeignDrafter {
         self.call(r)
     }
     fn vocabulary(&self) -> Option<PathBuf> {
-        let v = self.obj.vocabulary().into_string();
-        (!v.is_empty()).then(|| PathBuf::from(v))
+        self.vocabulary.clone()
     }
     fn calibration_top_k(&self) -> u32 {
-        self.obj.calibration_top_k()
+        self.calibration_top_k
     }
     fn calibrate(&mut self, c: &Predictions) -> PResult<()> {
         let cal = coordgen_interface::Calibration {

@@ -14,7 +14,6 @@
 //! pending token plus the drafted nodes) plus the measured drafting time.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -46,36 +45,46 @@ pub struct Trace {
 
 /// What a trace file was made with; traces of another model or length are recomputed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Header {
+pub struct Header {
     model: String,
     max_tokens: usize,
     top_k: usize,
+}
+
+/// Reads a trace file's text: the traces under its header when that header is `want` (or
+/// any header, for `None`), none when it is another, and an error when the text is not a
+/// trace file or a trace is malformed.
+pub fn parse(text: &str, want: Option<&Header>, path: &Path) -> Result<BTreeMap<String, Trace>> {
+    let mut have = BTreeMap::new();
+    let mut lines = text.lines();
+    // Only a trace file is ever replaced (one made for another model or length is).
+    let found = match lines.next().map(serde_json::from_str::<Header>) {
+        None => return Ok(have),
+        Some(Ok(h)) => h,
+        Some(Err(_)) => bail!("{} is not a trace file of `coordgen bench --replay` (its first line is not a trace header); name a new file", path.display()),
+    };
+    if want.is_some_and(|w| *w != found) {
+        return Ok(have);
+    }
+    for (i, l) in lines.enumerate() {
+        let t: Trace = serde_json::from_str(l).with_context(|| format!("{} line {}: not a trace", path.display(), i + 2))?;
+        let k = t.prompt.len().saturating_mul(TRACE_TOP_K);
+        if t.top_tokens.len() != k || t.top_probs.len() != k {
+            bail!("{} line {}: {} predictions for a {}-token prompt (want {} per position)", path.display(), i + 2, t.top_tokens.len(), t.prompt.len(), TRACE_TOP_K);
+        }
+        have.insert(t.id.clone(), t);
+    }
+    Ok(have)
 }
 
 /// Loads the traces of `prompts` from `path`, computing (and appending) the ones missing or
 /// made from another text.
 pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vec<Trace>> {
     let header = Header { model: s.model_path.display().to_string(), max_tokens, top_k: TRACE_TOP_K };
-    let mut have: BTreeMap<String, Trace> = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let mut lines = text.lines();
-        // Only a trace file is ever replaced (one made for another model or length is).
-        let found = match lines.next().map(serde_json::from_str::<Header>) {
-            None => None,
-            Some(Ok(h)) => Some(h),
-            Some(Err(_)) => bail!("{} is not a trace file of `coordgen bench --replay` (its first line is not a trace header); name a new file", path.display()),
-        };
-        if found.as_ref() == Some(&header) {
-            for (i, l) in lines.enumerate() {
-                let t: Trace = serde_json::from_str(l).with_context(|| format!("{} line {}: not a trace", path.display(), i + 2))?;
-                let k = t.prompt.len() * TRACE_TOP_K;
-                if t.top_tokens.len() != k || t.top_probs.len() != k {
-                    bail!("{} line {}: {} predictions for a {}-token prompt (want {} per position)", path.display(), i + 2, t.top_tokens.len(), t.prompt.len(), TRACE_TOP_K);
-                }
-                have.insert(t.id.clone(), t);
-            }
-        }
-    }
+    let have = match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, Some(&header), path)?,
+        Err(_) => BTreeMap::new(),
+    };
     let fresh = have.is_empty();
     let mut out = Vec::new();
     let mut added = Vec::new();
@@ -93,19 +102,15 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
         out.push(t);
     }
     if !added.is_empty() {
-        let mut f = if fresh {
-            let mut f = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-            writeln!(f, "{}", serde_json::to_string(&header)?)?;
-            for t in have.values() {
-                writeln!(f, "{}", serde_json::to_string(t)?)?;
-            }
-            f
-        } else {
-            std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot append to {}", path.display()))?
-        };
-        for t in &added {
-            writeln!(f, "{}", serde_json::to_string(t)?)?;
+        // The whole file is rewritten (atomically) rather than appended to, so an interrupted
+        // run never leaves a torn last line.
+        let mut text = serde_json::to_string(&header)? + "\n";
+        let kept: Vec<Trace> = if fresh { Vec::new() } else { have.values().filter(|t| !added.iter().any(|a| a.id == t.id)).cloned().collect() };
+        for t in kept.iter().chain(&added) {
+            text += &serde_json::to_string(t)?;
+            text.push('\n');
         }
+        coordgen_drafter_store::atomic::write_atomic(path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(out)
 }
@@ -234,6 +239,8 @@ pub fn replay(d: &mut dyn Drafter, mode: &str, t: &Trace, c: &ReplayConfig, cost
         let t0 = Instant::now();
         let draft = d.propose(&seq, c.max_nodes, c.max_depth)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
+        // The tree is walked below, so a malformed one is refused first (as a live run does).
+        crate::spec::tree::check(&draft, usize::MAX, usize::MAX, u32::MAX).map_err(|e| anyhow::anyhow!("drafter of mode {mode}: {e}"))?;
         // The pending token is out[pos - 1] (already in `seq`); the batch verifies it and the
         // draft, and the target's own token follows the accepted path.
         // At the end of the output the accepted drafts may be all that is left (the target's
@@ -273,5 +280,36 @@ mod tests {
         assert_eq!(accepted_path(&d, &[5, 8]), vec![0]);
         assert!(accepted_path(&d, &[6]).is_empty());
         assert!(accepted_path(&d, &[]).is_empty());
+    }
+
+    /// Proposes a tree with fewer parents than tokens (which indexing would panic on).
+    struct Malformed;
+    impl Drafter for Malformed {
+        fn name(&self) -> &str {
+            "malformed"
+        }
+        fn begin(&mut self, _: &[u32]) -> crate::plugins::PResult<()> {
+            Ok(())
+        }
+        fn propose(&mut self, _: &[u32], _: u32, _: u32) -> crate::plugins::PResult<Draft> {
+            Ok(Draft { tokens: vec![3, 4, 5], parents: vec![-1], scores: vec![] })
+        }
+        fn observe(&mut self, _: &Feedback) -> crate::plugins::PResult<()> {
+            Ok(())
+        }
+        fn vocabulary(&self) -> Option<std::path::PathBuf> {
+            None
+        }
+        fn finish(&mut self) -> crate::plugins::PResult<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_malformed_draft_is_an_error_not_a_panic() {
+        let t = Trace { id: "a".into(), category: "rag".into(), prompt: vec![1, 2], output: vec![3, 4, 5, 6], top_tokens: vec![0; 8], top_probs: vec![0.0; 8] };
+        let c = ReplayConfig { max_nodes: 8, max_depth: 4, calibration: None };
+        let e = replay(&mut Malformed, "m", &t, &c, &CostModel::new(&[])).unwrap_err().to_string();
+        assert!(e.contains("3 tokens but 1 parents"), "{e}");
     }
 }

@@ -118,8 +118,8 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tok> {
     let tokens = g.get_str_array("tokenizer.ggml.tokens").ok_or_else(|| anyhow!("GGUF tokenizer.ggml.tokens missing or not strings"))?;
     let types: Vec<i64> = g
         .get("tokenizer.ggml.token_type")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().map(|x| x.as_u64().map(|u| u as i64).unwrap_or(1)).collect())
+        .and_then(|v| v.items())
+        .map(|a| a.map(|x| x.as_u64().map(|u| u as i64).unwrap_or(1)).collect())
         .unwrap_or_else(|| vec![1; tokens.len()]);
     let mut vocab = serde_json::Map::new();
     for (i, t) in tokens.iter().enumerate() {
@@ -161,8 +161,8 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tok> {
         "llama" => {
             let scores: Vec<f64> = g
                 .get("tokenizer.ggml.scores")
-                .and_then(|v| v.as_array())
-                .map(|a| a.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect())
+                .and_then(|v| v.items())
+                .map(|a| a.map(|x| x.as_f64().unwrap_or(0.0)).collect())
                 .ok_or_else(|| anyhow!("GGUF llama tokenizer has no scores"))?;
             let merges = spm_merges(&tokens, &scores);
             let unk = g.get_u64("tokenizer.ggml.unknown_token_id").map(|u| tokens.get(u as usize).copied().unwrap_or("<unk>")).unwrap_or("<unk>");
@@ -215,10 +215,17 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tok> {
 
 /// SentencePiece BPE merges: every split of a vocabulary piece into two pieces that are both
 /// in the vocabulary, ranked by the merged piece's score (higher merges first).
+const MAX_SPM_PIECE: usize = 256;
+
 fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<String> {
     let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
     let mut merges: Vec<(f64, usize, usize, String)> = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
+        // Every split of a token is looked up, so the work grows with the square of its
+        // length; real pieces are a few dozen bytes, and a crafted huge one is skipped.
+        if t.len() > MAX_SPM_PIECE {
+            continue;
+        }
         let chars: Vec<(usize, char)> = t.char_indices().collect();
         for &(cut, _) in chars.iter().skip(1) {
             let (l, r) = t.split_at(cut);

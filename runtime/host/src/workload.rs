@@ -30,6 +30,11 @@ pub struct Prompt {
 /// Reads a workload file; a malformed line is an error naming the file and line.
 pub fn load(path: &Path) -> Result<Vec<Prompt>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read workload {}", path.display()))?;
+    parse(&text, path)
+}
+
+/// Parses a workload's text; `path` names it in messages.
+pub fn parse(text: &str, path: &Path) -> Result<Vec<Prompt>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -100,7 +100,7 @@ pub struct ForwardOutput {
 /// a time; implementations wrap their bodies in [`crate::guard`].
 #[sabi_trait]
 pub trait BackendFfi: Send {
-    fn capabilities(&self) -> BackendCaps;
+    fn capabilities(&self) -> RResult<BackendCaps, RString>;
 
     /// Sets how many threads the backend may use (0 = its default).
     fn set_threads(&mut self, n: u32) -> RResult<(), RString>;
@@ -133,7 +133,7 @@ pub trait BackendFfi: Send {
 
     /// Free-form diagnostics (memory use, kernels chosen) as a JSON object.
     #[sabi(last_prefix_field)]
-    fn stats_json(&self) -> RString;
+    fn stats_json(&self) -> RResult<RString, RString>;
 
     /// One forward over several slots of the same model at once (interface version 4): batch
     /// `i` is appended to its own slot exactly as [`BackendFfi::forward`] would append it,

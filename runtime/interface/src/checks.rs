@@ -46,3 +46,32 @@ pub fn check_keep(len: usize, start: usize, keep: &[u32]) -> Result<(), String> 
     }
     Ok(())
 }
+
+/// Memory the system can hand out now (`MemAvailable`), in bytes; None where unknown.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses an allocation of `need` bytes for `what` when it does not fit: in `budget` (a
+/// backend's configured cap) less `used`, or, with no cap, in the memory available now. A
+/// refusal here is an error message; an allocation that the system cannot back would abort
+/// the process (or wake the OOM killer) instead.
+pub fn check_fits(what: &str, need: u64, used: u64, budget: Option<u64>) -> Result<(), String> {
+    let mib = |b: u64| b.div_ceil(1 << 20);
+    match budget {
+        Some(cap) if need > cap.saturating_sub(used) => Err(format!(
+            "{what} needs {} MiB, but the backend's memory budget of {} MiB has {} MiB left",
+            mib(need),
+            mib(cap),
+            mib(cap.saturating_sub(used))
+        )),
+        Some(_) => Ok(()),
+        None => match available_memory() {
+            Some(avail) if need > avail => Err(format!("{what} needs {} MiB, but only {} MiB of memory is available", mib(need), mib(avail))),
+            _ => Ok(()),
+        },
+    }
+}

@@ -84,11 +84,11 @@ pub trait DrafterFfi: Send {
     /// Path of the model file whose tokenizer this drafter's token ids come from, or an
     /// empty string when the drafter is token-agnostic (it only copies ids it was given).
     /// The host refuses a drafter whose vocabulary differs from the target model's.
-    fn vocabulary(&self) -> RString;
+    fn vocabulary(&self) -> RResult<RString, RString>;
 
     /// How many of the target's top predictions per prompt position the drafter wants
     /// (0 = it does not use calibration, and the host computes none).
-    fn calibration_top_k(&self) -> u32;
+    fn calibration_top_k(&self) -> RResult<u32, RString>;
 
     /// Delivers the target's predictions over the prompt (after `begin`, before `propose`).
     fn calibrate(&mut self, calibration: &Calibration) -> RResult<(), RString>;

@@ -42,14 +42,11 @@ impl<T: DraftSource> DrafterFfi for Guarded<T> {
     fn observe(&mut self, feedback: &DraftFeedback) -> RResult<(), RString> {
         guard(|| self.0.observe(feedback))
     }
-    fn vocabulary(&self) -> RString {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.vocabulary())) {
-            Ok(s) => s.into(),
-            Err(_) => RString::new(),
-        }
+    fn vocabulary(&self) -> RResult<RString, RString> {
+        guard(|| Ok(self.0.vocabulary().into()))
     }
-    fn calibration_top_k(&self) -> u32 {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.0.calibration_top_k())).unwrap_or(0)
+    fn calibration_top_k(&self) -> RResult<u32, RString> {
+        guard(|| Ok(self.0.calibration_top_k()))
     }
     fn calibrate(&mut self, calibration: &Calibration) -> RResult<(), RString> {
         guard(|| self.0.calibrate(calibration))

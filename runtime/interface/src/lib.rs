@@ -32,7 +32,10 @@ use abi_stable::StableAbi;
 
 /// Version of the plugin contract. Bumped on any semantic change of the traits below.
 /// 4: backends gained `forward_slots` (one forward over several KV slots).
-pub const INTERFACE_VERSION: u32 = 4;
+/// 5: every method returns `RResult` (`capabilities`, `stats_json`, `vocabulary` and
+///    `calibration_top_k` did not, so a panic in them could not be caught and turned into
+///    an error).
+pub const INTERFACE_VERSION: u32 = 5;
 
 /// What kind of plugin a library holds.
 #[repr(u8)]

@@ -33,7 +33,49 @@ pub enum Value {
     F64(f64),
     Bool(bool),
     Str(String),
+    /// An array of strings, of arrays, or (as a writer builds it) of any values.
     Array(Vec<Value>),
+    /// An array of one numeric or bool type as the file stores it, so that n one-byte
+    /// elements cost n bytes of memory rather than n `Value`s (32n).
+    Packed(Packed),
+}
+
+/// A packed numeric array: the element type id (GGUF's numbering) and the raw
+/// little-endian bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed {
+    ty: u32,
+    raw: Vec<u8>,
+}
+
+/// Byte width of a numeric or bool GGUF value type (`None` for strings and arrays).
+fn scalar_width(ty: u32) -> Option<usize> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+impl Packed {
+    pub fn len(&self) -> usize {
+        self.raw.len() / scalar_width(self.ty).unwrap_or(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+    /// Element `i` as a [`Value`].
+    pub fn get(&self, i: usize) -> Option<Value> {
+        let w = scalar_width(self.ty)?;
+        let b = self.raw.get(i * w..(i + 1) * w)?;
+        let mut c = Cursor { buf: b, pos: 0 };
+        c.value(self.ty, "", 0).ok()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = Value> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
 }
 
 impl Value {
@@ -69,9 +111,18 @@ impl Value {
             _ => None,
         }
     }
+    /// The elements of an unpacked array (strings, nested arrays).
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// The elements of any array, packed or not.
+    pub fn items(&self) -> Option<Box<dyn Iterator<Item = Value> + '_>> {
+        match self {
+            Value::Array(a) => Some(Box::new(a.iter().cloned())),
+            Value::Packed(p) => Some(Box::new(p.iter())),
             _ => None,
         }
     }
@@ -101,7 +152,24 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
-    mmap: Mmap,
+    mmap: Bytes,
+}
+
+/// The file's bytes: mapped from disk, or owned (a file read from memory, as fuzzing and
+/// tests do).
+enum Bytes {
+    Map(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 struct Cursor<'a> {
@@ -165,6 +233,10 @@ impl<'a> Cursor<'a> {
                         "GGUF metadata {key}: array of {n} elements does not fit in the file"
                     )));
                 }
+                if let Some(w) = scalar_width(ety) {
+                    let bytes = (n as usize).checked_mul(w).ok_or_else(|| ModelError::Corrupt(format!("GGUF metadata {key}: array length overflows")))?;
+                    return Ok(Value::Packed(Packed { ty: ety, raw: self.take(bytes, key)?.to_vec() }));
+                }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(ety, key, depth + 1)?);
@@ -186,10 +258,15 @@ impl GgufFile {
         // SAFETY: the map is read-only; the file is not expected to change while loaded
         // (the same assumption every mmap-based model loader makes).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io(format!("cannot map {}: {e}", path.display())))?;
-        Self::parse(path.to_path_buf(), mmap)
+        Self::parse(path.to_path_buf(), Bytes::Map(mmap))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<Self> {
+    /// Parses a GGUF file held in memory; `name` stands for its path in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(name.into(), Bytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, mmap: Bytes) -> Result<Self> {
         let buf: &[u8] = &mmap;
         let mut c = Cursor { buf, pos: 0 };
         let magic = c.u32("magic").map_err(|_| ModelError::Corrupt(format!("{} is too short to be a GGUF file", path.display())))?;
@@ -251,7 +328,9 @@ impl GgufFile {
                     ty.block_size()
                 )));
             }
-            let size = n / ty.block_size() as u64 * ty.block_bytes() as u64;
+            let size = (n / ty.block_size() as u64)
+                .checked_mul(ty.block_bytes() as u64)
+                .ok_or_else(|| ModelError::Corrupt(format!("tensor {name}: size overflow")))?;
             let offset = data_start
                 .checked_add(off)
                 .ok_or_else(|| ModelError::Corrupt(format!("tensor {name}: offset overflow")))?;
@@ -280,7 +359,11 @@ impl GgufFile {
         self.get(key).and_then(|v| v.as_str())
     }
     pub fn get_str_array(&self, key: &str) -> Option<Vec<&str>> {
-        self.get(key)?.as_array()?.iter().map(|v| v.as_str()).collect()
+        match self.get(key)? {
+            // An empty array's element type says nothing (writers often put 0 or 4 there).
+            Value::Packed(p) if p.is_empty() => Some(Vec::new()),
+            v => v.as_array()?.iter().map(|v| v.as_str()).collect(),
+        }
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -294,14 +377,15 @@ impl GgufFile {
 
     /// See [`crate::ModelFile::release`].
     pub fn release(&self, data: &[u8]) {
-        let base = self.mmap.as_ptr() as usize;
+        let Bytes::Map(mmap) = &self.mmap else { return };
+        let base = mmap.as_ptr() as usize;
         let at = data.as_ptr() as usize;
-        if at < base || at + data.len() > base + self.mmap.len() || data.is_empty() {
+        if at < base || at + data.len() > base + mmap.len() || data.is_empty() {
             return;
         }
         // SAFETY: the map is private and read-only, so dropping its pages loses nothing: any
         // later access (of these bytes or of neighbours sharing a page) reads the file again.
-        let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at - base, data.len()) };
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at - base, data.len()) };
     }
 
     pub fn file_size(&self) -> u64 {
@@ -351,6 +435,11 @@ impl GgufWriter {
                 out.extend_from_slice(&(s.len() as u64).to_le_bytes());
                 out.extend_from_slice(s.as_bytes());
             }
+            Value::Packed(p) => {
+                out.extend_from_slice(&p.ty.to_le_bytes());
+                out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                out.extend_from_slice(&p.raw);
+            }
             Value::Array(a) => {
                 let ety = a.first().map(Self::type_id).unwrap_or(4);
                 out.extend_from_slice(&ety.to_le_bytes());
@@ -372,7 +461,7 @@ impl GgufWriter {
             Value::F32(_) => 6,
             Value::Bool(_) => 7,
             Value::Str(_) => 8,
-            Value::Array(_) => 9,
+            Value::Array(_) | Value::Packed(_) => 9,
             Value::U64(_) => 10,
             Value::I64(_) => 11,
             Value::F64(_) => 12,

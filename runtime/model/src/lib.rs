@@ -130,11 +130,55 @@ impl ModelFile {
         self.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))
     }
 
+    /// The hyper-parameters, checked against the tensors they size (so no count read from
+    /// the file can drive an allocation that the file's own tensors do not back).
     pub fn hparams(&self) -> Result<HParams> {
+        let hp = match self {
+            ModelFile::Gguf(g) => hparams_from_gguf(g)?,
+            ModelFile::Safetensors(s) => hparams_from_config(&s.config, self)?,
+        };
+        self.check_shapes(&hp)?;
+        Ok(hp)
+    }
+
+    fn dims(&self, name: &str) -> Option<Vec<u64>> {
         match self {
-            ModelFile::Gguf(g) => hparams_from_gguf(g),
-            ModelFile::Safetensors(s) => hparams_from_config(&s.config, self),
+            ModelFile::Gguf(g) => g.tensor(name).map(|t| t.dims.clone()),
+            ModelFile::Safetensors(s) => s.tensors.get(name).map(|t| t.dims.clone()),
         }
+    }
+
+    fn n_tensors(&self) -> usize {
+        match self {
+            ModelFile::Gguf(g) => g.tensors.len(),
+            ModelFile::Safetensors(s) => s.tensors.len(),
+        }
+    }
+
+    /// Layer count, widths and vocabulary must match the first and last layers' tensors.
+    fn check_shapes(&self, hp: &HParams) -> Result<()> {
+        let bad = |what: String| Err(ModelError::Config(format!("the model's metadata does not match its tensors: {what}")));
+        // Every layer has at least its attention norm, so more layers than tensors is corrupt.
+        if hp.n_layer > self.n_tensors() {
+            return bad(format!("{} layers but only {} tensors", hp.n_layer, self.n_tensors()));
+        }
+        let last = format!("blk.{}.attn_norm.weight", hp.n_layer - 1);
+        if self.dims(&last).is_none() {
+            return bad(format!("{} layers, but tensor {last} is missing", hp.n_layer));
+        }
+        let want = |name: &str, dims: [u64; 2]| -> Result<()> {
+            match self.dims(name) {
+                Some(d) if d.len() == 2 && d[..] == dims[..] => Ok(()),
+                Some(d) => bad(format!("tensor {name} has dims {d:?}, the metadata implies {dims:?}")),
+                None => Err(ModelError::MissingTensor(name.to_string())),
+            }
+        };
+        let (e, q, kv, ff) = (hp.n_embd as u64, (hp.n_head as u64).saturating_mul(hp.head_dim as u64), (hp.n_head_kv as u64).saturating_mul(hp.head_dim as u64), hp.n_ff as u64);
+        want("token_embd.weight", [e, hp.n_vocab as u64])?;
+        want("blk.0.attn_q.weight", [e, q])?;
+        want("blk.0.attn_k.weight", [e, kv])?;
+        want("blk.0.ffn_up.weight", [e, ff])?;
+        Ok(())
     }
 
     /// Drops this process's mapped pages under `data` (a tensor of this file) once the

@@ -181,6 +181,13 @@ impl Session {
         let drafter = self.drafter.take();
         let sched = self.scheduler.take().unwrap_or_else(|| Box::new(Fixed::new(4, DEFAULT_PREFILL_CHUNK as u32)));
         let (back, sched, r) = self.run(prompt, p, drafter, sched, on_text);
+        if r.is_err() {
+            // A failed forward may have left the slot holding more (or other) than the
+            // host's record of it; start the next request from an empty cache.
+            if let Err(e) = self.reset() {
+                tracing::warn!(error = %e, "could not clear the KV slot after a failed request");
+            }
+        }
         self.drafter = back;
         self.scheduler = Some(sched);
         r
@@ -214,7 +221,8 @@ impl Session {
         let own_threads = drafter.as_ref().map(|d| d.own_threads()).unwrap_or(0);
         // The drafter's begin (indexing the prompt, or a draft model's prefill) runs on its
         // own thread while the target prefills.
-        let mut stage = drafter.map(|d| DraftStage::start(d, prompt));
+        let limit = p.draft_timeout.unwrap_or_else(super::stage::proposal_limit);
+        let mut stage = drafter.map(|d| DraftStage::start(d, prompt, limit));
         let mut stats = SpecStats {
             drafter: stage.as_ref().map(|s| s.name().to_string()).unwrap_or_default(),
             scheduler: sched.name().to_string(),

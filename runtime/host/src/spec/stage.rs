@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
@@ -41,6 +41,23 @@ pub struct DraftStage {
     /// A proposal asked for with [`propose_ahead`](Self::propose_ahead) whose reply has not
     /// been taken.
     ahead: bool,
+    /// Whether `begin` has answered (until then the wait allows [`BEGIN_LIMIT`]).
+    begun: bool,
+    /// How long a proposal may take before the drafter counts as hung.
+    limit: Duration,
+    /// The drafter missed its time limit: its thread is abandoned, never joined.
+    hung: bool,
+}
+
+/// Time allowed for `begin` (a draft model's prefill of a long prompt takes a while).
+const BEGIN_LIMIT: Duration = Duration::from_secs(600);
+
+/// Time allowed for one proposal: `COORDGEN_DRAFT_TIMEOUT_MS`, 10 s by default. A drafter
+/// slower than this costs more than it could save, and one that never answers would hang the
+/// request; past it the request goes on with plain decoding.
+pub fn proposal_limit() -> Duration {
+    let ms = std::env::var("COORDGEN_DRAFT_TIMEOUT_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(10_000);
+    Duration::from_millis(ms.max(1))
 }
 
 fn gone(name: &str) -> PluginError {
@@ -49,8 +66,8 @@ fn gone(name: &str) -> PluginError {
 
 impl DraftStage {
     /// Starts the stage and sends `begin(prompt)` at once (its result is awaited by the
-    /// first [`propose`](Self::propose)).
-    pub fn start(mut drafter: Box<dyn Drafter>, prompt: &[u32]) -> DraftStage {
+    /// first [`propose`](Self::propose)); each proposal may take up to `limit`.
+    pub fn start(mut drafter: Box<dyn Drafter>, prompt: &[u32], limit: Duration) -> DraftStage {
         let name = drafter.name().to_string();
         let (tx, crx) = unbounded::<Cmd>();
         let (rtx, rx) = unbounded::<Reply>();
@@ -83,7 +100,18 @@ impl DraftStage {
             })
             .expect("spawning the draft thread");
         let _ = tx.send(Cmd::Begin(prompt.to_vec()));
-        DraftStage { name, tx: Some(tx), rx, arrived: VecDeque::new(), handle: Some(handle), queued: Vec::new(), ahead: false }
+        DraftStage {
+            name,
+            tx: Some(tx),
+            rx,
+            arrived: VecDeque::new(),
+            handle: Some(handle),
+            queued: Vec::new(),
+            ahead: false,
+            begun: false,
+            limit,
+            hung: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -91,12 +119,29 @@ impl DraftStage {
     }
 
     /// Waits for replies until `want` matches; an error reply (or a lost stage) is returned.
+    /// A drafter that does not answer within its limit is marked hung and an error returned.
     fn wait<T>(&mut self, want: impl Fn(Reply) -> Option<PResult<T>>) -> PResult<T> {
         loop {
             let r = match self.arrived.pop_front() {
                 Some(r) => r,
-                None => self.rx.recv().map_err(|_| gone(&self.name))?,
+                None => {
+                    let limit = if self.begun { self.limit } else { BEGIN_LIMIT };
+                    match self.rx.recv_timeout(limit) {
+                        Ok(r) => r,
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            self.hung = true;
+                            return Err(PluginError::Call {
+                                plugin: self.name.clone(),
+                                message: format!("no answer within {} ms; the drafter is abandoned", limit.as_millis()),
+                            });
+                        }
+                        Err(_) => return Err(gone(&self.name)),
+                    }
+                }
             };
+            if matches!(r, Reply::Begun(_)) {
+                self.begun = true;
+            }
             match r {
                 Reply::Begun(Err(e)) | Reply::Observed(Err(e)) => return Err(e),
                 Reply::Begun(Ok(())) => {}
@@ -174,7 +219,13 @@ impl DraftStage {
 
     /// Stops the thread and hands the drafter back (None if its thread died), with the
     /// result of `finish()` on it.
+    /// A hung drafter is left on its thread (which ends when the call does, if ever).
     pub fn stop(mut self) -> (Option<Box<dyn Drafter>>, PResult<()>) {
+        if self.hung {
+            drop(self.tx.take());
+            drop(self.handle.take());
+            return (None, Err(PluginError::Call { plugin: self.name.clone(), message: "abandoned after missing its time limit".into() }));
+        }
         let flushed = self.flush();
         drop(self.tx.take());
         let mut first_err = flushed;

@@ -1,7 +1,8 @@
 //! A drafter for tests: drafts by copying the token that followed the last occurrence of the
 //! current token, and after `fail_after` proposals fails in the way `mode` names: `panic`,
-//! `error`, or `garbage` (a malformed tree). The host must finish the request with plain
-//! decoding and the same tokens.
+//! `error`, `garbage` (a malformed tree), `oov` (a token outside any vocabulary) or `hang`
+//! (a proposal that does not return for `hang_ms`, 60 s by default). The host must finish
+//! the request with plain decoding and the same tokens.
 
 use coordgen_interface::{linear_draft, DraftBudget, DraftFeedback, DraftSource, DraftTree};
 
@@ -9,6 +10,7 @@ pub struct Flaky {
     fail_after: u64,
     mode: String,
     calls: u64,
+    hang_ms: u64,
 }
 
 fn create(options: &str) -> Result<Flaky, String> {
@@ -17,6 +19,7 @@ fn create(options: &str) -> Result<Flaky, String> {
         fail_after: v["fail_after"].as_u64().unwrap_or(3),
         mode: v["mode"].as_str().unwrap_or("panic").to_string(),
         calls: 0,
+        hang_ms: v["hang_ms"].as_u64().unwrap_or(60_000),
     })
 }
 
@@ -31,6 +34,11 @@ impl DraftSource for Flaky {
             match self.mode.as_str() {
                 "panic" => panic!("flaky drafter gave up"),
                 "error" => return Err("flaky drafter error".into()),
+                "oov" => return Ok(linear_draft(&[1, u32::MAX - 7])),
+                "hang" => {
+                    std::thread::sleep(std::time::Duration::from_millis(self.hang_ms));
+                    return Ok(linear_draft(&[]));
+                }
                 _ => {
                     return Ok(DraftTree { tokens: vec![1, 2].into(), parents: vec![-1, 5].into(), scores: Default::default() });
                 }

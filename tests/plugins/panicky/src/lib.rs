@@ -10,8 +10,8 @@ use coordgen_interface::*;
 struct Panicky;
 
 impl BackendFfi for Panicky {
-    fn capabilities(&self) -> BackendCaps {
-        BackendCaps {
+    fn capabilities(&self) -> RResult<BackendCaps, RString> {
+        RResult::ROk(BackendCaps {
             weight_types: RVec::new(),
             kv_types: RVec::new(),
             widths: RVec::new(),
@@ -20,7 +20,7 @@ impl BackendFfi for Panicky {
             width_switch_cost_us: 0,
             batch_invariant: false,
             threads: 1,
-        }
+        })
     }
     fn set_threads(&mut self, _: u32) -> RResult<(), RString> {
         guard(|| Ok(()))
@@ -57,8 +57,8 @@ impl BackendFfi for Panicky {
             Ok(ForwardOutput { n_vocab: v[i], logits: RVec::new() })
         })
     }
-    fn stats_json(&self) -> RString {
-        "{}".into()
+    fn stats_json(&self) -> RResult<RString, RString> {
+        guard(|| panic!("no stats today"))
     }
 }
 
