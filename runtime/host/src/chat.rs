@@ -58,3 +58,18 @@ pub fn render(template: &str, messages: &[Message], add_generation_prompt: bool,
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runaway_templates_stop_with_an_error() {
+        let e = render("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", &[], true, "", "").unwrap_err();
+        assert!(e.to_string().contains("more than 5000000 instructions"), "{e}");
+        let e = render("{% macro r(n) %}{{ r(n + 1) }}{% endmacro %}{{ r(0) }}", &[], true, "", "").unwrap_err();
+        assert!(e.to_string().contains("rendering the chat template failed") || e.to_string().contains("instructions"), "{e}");
+        let ok = render("{% for m in messages %}{{ m.content }}{% endfor %}", &[Message::new("user", "hi")], true, "", "").unwrap();
+        assert_eq!(ok, "hi");
+    }
+}
