@@ -37,6 +37,11 @@ impl Slot {
         self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
     }
 
+    /// What [`Slot::new`] would allocate, computed without allocating (saturating).
+    pub fn planned_bytes(m: &CpuModel, n_ctx: usize, ty: KvType) -> u64 {
+        (n_ctx as u64).saturating_mul(m.kv_dim() as u64).saturating_mul(m.hp.n_layer as u64).saturating_mul(2 * ty.bytes() as u64)
+    }
+
     /// Copies the first `len` entries of `src` (same model and KV type) into this slot.
     pub fn copy_prefix_from(&mut self, src: &Slot, len: usize) -> Result<(), String> {
         for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {

@@ -65,6 +65,13 @@ impl KvType {
             KvType::F16 => "f16",
         }
     }
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvType::F32 => 4,
+            KvType::F16 => 2,
+        }
+    }
 }
 
 /// One layer's keys or values: `n_ctx x kv_dim` elements (zero pages are only committed

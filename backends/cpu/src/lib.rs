@@ -149,9 +149,9 @@ impl CpuBackend {
 
     pub fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
         // The kernels' repacked copies of the weights take about the file's tensor bytes.
-        let need = coordgen_model::ModelFile::open(path).map_err(|e| e.to_string())?.weight_bytes();
-        coordgen_interface::checks::check_fits(&format!("loading {path}"), need, self.used_bytes(), self.memory_budget)?;
-        let m = CpuModel::load(path, self.isa, self.pool.threads())?;
+        let file = coordgen_model::ModelFile::open(path).map_err(|e| e.to_string())?;
+        coordgen_interface::checks::check_fits(&format!("loading {path}"), file.weight_bytes(), self.used_bytes(), self.memory_budget)?;
+        let m = CpuModel::from_file(file, self.isa, self.pool.threads())?;
         let id = self.next_model;
         self.next_model += 1;
         let desc = ModelDesc {
@@ -188,11 +188,7 @@ impl CpuBackend {
             return Err("a KV slot needs at least one entry".into());
         }
         let m = self.model(model)?.clone();
-        let elem = match self.kv_type {
-            KvType::F32 => 4u64,
-            KvType::F16 => 2,
-        };
-        let need = (n_ctx as u64).saturating_mul(m.kv_dim() as u64).saturating_mul(m.hp.n_layer as u64).saturating_mul(2 * elem);
+        let need = Slot::planned_bytes(&m, n_ctx as usize, self.kv_type);
         coordgen_interface::checks::check_fits(&format!("a KV cache of {n_ctx} entries"), need, self.used_bytes(), self.memory_budget)
             .map_err(|e| format!("{e}; lower --ctx-size"))?;
         let id = self.next_slot;

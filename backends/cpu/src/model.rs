@@ -117,7 +117,11 @@ fn matrix(f: &ModelFile, name: &str, rows: usize, cols: usize) -> Result<Matrix,
 impl CpuModel {
     /// Loads the model, repacking matrices for `isa`'s kernels with `threads` threads.
     pub fn load(path: &str, isa: Isa, threads: usize) -> Result<Self, String> {
-        let file = ModelFile::open(path).map_err(|e| e.to_string())?;
+        Self::from_file(ModelFile::open(path).map_err(|e| e.to_string())?, isa, threads)
+    }
+
+    /// As [`CpuModel::load`], for a file already opened.
+    pub fn from_file(file: ModelFile, isa: Isa, threads: usize) -> Result<Self, String> {
         let hp = file.hparams().map_err(|e| e.to_string())?;
         let (e, hd) = (hp.n_embd, hp.head_dim);
         let q_dim = hp.n_head * hd;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use abi_stable::export_root_module;
 use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use coordgen_interface::*;
 
 struct Faulty {
@@ -92,16 +92,6 @@ impl BackendFfi for Faulty {
     }
     fn stats_json(&self) -> RResult<RString, RString> {
         self.inner.stats_json()
-    }
-    fn forward_slots(&mut self, bs: RSlice<'_, ForwardBatch>) -> RResult<RVec<ForwardOutput>, RString> {
-        let mut out = RVec::with_capacity(bs.len());
-        for b in bs.iter() {
-            match self.forward(b) {
-                RResult::ROk(o) => out.push(o),
-                RResult::RErr(e) => return RResult::RErr(e),
-            }
-        }
-        RResult::ROk(out)
     }
 }
 
