@@ -47,7 +47,7 @@ fn backend_faults_fail_the_request_and_the_next_one_succeeds() {
         // The third forward fails: the prompt's prefill and one decode step went through.
         let (b, _) = plugins::load_backend(&faulty_config(&dir, fault, 3), "faulty").unwrap();
         let mut s = Session::open(b, &model, 256).unwrap();
-        s.prefill_chunk = 16;
+        s.set_prefill_chunk(16);
         let e = s.generate(&prompt, &greedy(12), &mut |_| {}).unwrap_err().to_string();
         assert!(e.contains(message) && e.contains("faulty"), "{fault}: {e}");
         // The fault fired once; the same session serves the next request, from a clean cache.

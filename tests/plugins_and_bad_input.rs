@@ -169,9 +169,9 @@ fn over_long_prompt_and_full_context_are_errors() {
     let e = s.prefill(&long).unwrap_err().to_string();
     assert!(e.contains("40 tokens") && e.contains("context holds 16"), "{e}");
     // The backend itself refuses to overfill a slot.
-    let e = s.backend.forward(&Forward { slot: s.slot, tokens: &long[..20], positions: &long[..20], mask: &[], logit_rows: &[] }).unwrap_err().to_string();
+    let e = s.forward(&long[..20], &long[..20], &[], &[]).unwrap_err().to_string();
     assert!(e.contains("context is full"), "{e}");
-    let e = s.backend.forward(&Forward { slot: s.slot, tokens: &[99999], positions: &[0], mask: &[], logit_rows: &[0] }).unwrap_err().to_string();
+    let e = s.forward(&[99999], &[0], &[], &[0]).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
     // And the CLI exits non-zero with the message.
     let cfg = dir.join("plugins.toml");

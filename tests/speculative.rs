@@ -10,7 +10,7 @@ use std::sync::Arc;
 use coordgen::chat::Message;
 use coordgen::config::PluginsConfig;
 use coordgen::engine::{GenerateParams, Generation, Session};
-use coordgen::plugins::{self, Draft, Drafter, Feedback, Forward, PResult};
+use coordgen::plugins::{self, Draft, Drafter, Feedback, PResult};
 use coordgen::sampling::{Sampler, SamplingParams};
 use coordgen_model::quant::GgmlType;
 use coordgen_tests::*;
@@ -32,7 +32,7 @@ fn config(dir: &Path, extra: &str) -> PluginsConfig {
 }
 
 fn chat_prompt(s: &Session, user: &str) -> Vec<u32> {
-    s.tok.encode(&s.render_chat(&[Message::new("user", user)], true).unwrap(), true).unwrap()
+    s.tok().encode(&s.render_chat(&[Message::new("user", user)], true).unwrap(), true).unwrap()
 }
 
 fn greedy(n: usize) -> GenerateParams {
@@ -91,7 +91,7 @@ backend = "cpu"
         chat_prompt(&s, &format!("Here is a text:\n\n{doc}\n\nRepeat its first two sentences exactly.")),
         chat_prompt(&s, "Write a short poem about the sea."),
         // Continuing the indexed document without it in the prompt: only the datastore knows it.
-        s.tok.encode(&doc[..300], true).unwrap(),
+        s.tok().encode(&doc[..300], true).unwrap(),
     ];
     for (pi, prompt) in prompts.iter().enumerate() {
         let plain = run(&mut s, None, prompt, &greedy(96));
@@ -178,7 +178,7 @@ fn overlapped_drafting_is_lossless_and_drafts_during_verification() {
             assert!(st.drafter_error.is_none(), "{:?}", st.drafter_error);
             // The target gave one of its two threads to the draft model, and got it back.
             assert_eq!(st.overlap_threads, 1);
-            assert_eq!(s.backend.capabilities().threads, 2);
+            assert_eq!(s.backend().capabilities().threads, 2);
             if pi == 0 && p.draft_budget.is_some() {
                 // The draft model is the target itself: on the copying prompt, where it drafts
                 // confidently, whole main paths are accepted and the next draft, made during
@@ -280,13 +280,13 @@ fn sampling_follows_the_target_distribution() {
     let sp = SamplingParams { temperature: 12.0, top_k: 6, ..Default::default() };
     let prompt: Vec<u32> = vec![5, 77, 130, 9];
     let mut s = Session::open(cpu_backend(1), &path, 64).unwrap();
-    let nv = s.model.n_vocab;
+    let nv = s.model().n_vocab;
     let oracle = Sampler::new(sp.clone());
     // Exact distributions from plain forwards: p(t1), p(t2 | t1), p(t3 | t1 t2).
     let dist_after = |s: &mut Session, seq: &[u32]| -> Vec<(u32, f32)> {
         s.reset().unwrap();
         let pos: Vec<u32> = (0..seq.len() as u32).collect();
-        let l = s.backend.forward(&Forward { slot: s.slot, tokens: seq, positions: &pos, mask: &[], logit_rows: &[seq.len() as u32 - 1] }).unwrap();
+        let l = s.forward(seq, &pos, &[], &[seq.len() as u32 - 1]).unwrap();
         oracle.distribution(&l[..nv], seq)
     };
     let p1 = dist_after(&mut s, &prompt);

@@ -69,9 +69,9 @@ fn session_generates_and_chat_template_renders_on_synthetic_models() {
     let mut s = Session::open(cpu_backend(1), &path, 128).unwrap();
     let rendered = s.render_chat(&[coordgen::chat::Message::new("user", "hi")], true).unwrap();
     assert_eq!(rendered, "<user>hi\n<assistant>");
-    let prompt = s.tok.encode("hello world", true).unwrap();
+    let prompt = s.tok().encode("hello world", true).unwrap();
     assert_eq!(prompt.len(), 11, "byte-level vocabulary: one token per byte");
-    assert_eq!(s.tok.decode(&prompt).unwrap(), "hello world");
+    assert_eq!(s.tok().decode(&prompt).unwrap(), "hello world");
     let p = GenerateParams { max_tokens: 12, stop_at_eos: false, ..Default::default() };
     let g1 = s.generate(&prompt, &p, &mut |_| {}).unwrap();
     assert_eq!(g1.tokens.len(), 12);
@@ -98,7 +98,7 @@ fn streaming_stop_strings_and_seeded_sampling() {
     let path = dir.join("m.gguf");
     write_gguf(&spec, &random_weights(&spec, 5), GgmlType::Q4K, &path);
     let mut s = Session::open(cpu_backend(1), &path, 256).unwrap();
-    let prompt = s.tok.encode("abc", true).unwrap();
+    let prompt = s.tok().encode("abc", true).unwrap();
     let greedy = GenerateParams { max_tokens: 24, stop_at_eos: false, ..Default::default() };
     let mut streamed = String::new();
     let full = s.generate(&prompt, &greedy, &mut |p| streamed.push_str(p)).unwrap();
@@ -210,7 +210,7 @@ fn batched_sessions_decode_as_they_do_alone() {
     let path = dir.join("m.gguf");
     write_gguf(&spec, &w, GgmlType::Q8_0, &path);
     let solo = Session::open(cpu_backend(2), &path, 128).unwrap();
-    let (model, tok) = (solo.model.clone(), solo.tok.clone());
+    let (model, tok) = (solo.model().clone(), solo.shared_tok());
     let prompts: Vec<Vec<u32>> = (0..4).map(|i| tok.encode(&format!("prompt number {i} says"), true).unwrap()).collect();
     let p = GenerateParams { max_tokens: 24, stop_at_eos: false, ..Default::default() };
     let mut solo = solo;

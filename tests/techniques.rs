@@ -41,7 +41,7 @@ fn config(dir: &Path, extra: &str) -> PluginsConfig {
 fn summary_prompt(s: &Session) -> Vec<u32> {
     let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap()[..1800].to_string();
     let text = s.render_chat(&[Message::new("user", &format!("Summarize the following text, quoting its key sentences.\n\n{doc}"))], true).unwrap();
-    s.tok.encode(&text, true).unwrap()
+    s.tok().encode(&text, true).unwrap()
 }
 
 #[test]
@@ -76,15 +76,15 @@ fn calibrated_predictions_are_the_targets_own_top_tokens() {
     let _c = cache();
     let mut s = Session::open(cpu_backend(2), &model_file(SMOL), 1024).unwrap();
     let prompt = summary_prompt(&s);
-    s.prefill_chunk = 64;
+    s.set_prefill_chunk(64);
     s.prefill_with(&prompt, Some((3, 5))).unwrap();
-    let pr = s.predictions.clone();
+    let pr = s.predictions().clone();
     assert_eq!(pr.k, 3);
     assert!(pr.positions.iter().all(|p| p % 5 == 0 || *p as usize == prompt.len() - 1));
     assert!(pr.len() >= prompt.len() / 5);
     // A second prefill of the same prompt keeps the predictions of the cached positions.
     s.prefill_with(&prompt, Some((3, 5))).unwrap();
-    assert_eq!(s.predictions.positions[..pr.len() - 1], pr.positions[..pr.len() - 1]);
+    assert_eq!(s.predictions().positions[..pr.len() - 1], pr.positions[..pr.len() - 1]);
     // The full logits of every position (one window over the whole prompt).
     let ppl = s.perplexity(&prompt, prompt.len(), true).unwrap();
     let argmax = &ppl.windows.as_ref().unwrap()[0].argmax;
@@ -154,9 +154,9 @@ fn full_configuration_reports_its_techniques_and_the_scheduler_chooses_from_the_
     assert_eq!(sp.accepted_by_confidence.iter().sum::<u64>(), sp.accepted, "{sp:?}");
     // The prefill chunk is the calibrated prefill width with the most tokens per ms.
     let best = s
-        .costs
+        .costs()
         .iter()
-        .filter(|c| c.rows == 1 && c.width > 1 && c.context == s.costs[0].context)
+        .filter(|c| c.rows == 1 && c.width > 1 && c.context == s.costs()[0].context)
         .max_by(|a, b| (a.width as f64 / a.micros as f64).total_cmp(&(b.width as f64 / b.micros as f64)))
         .unwrap()
         .width as usize;

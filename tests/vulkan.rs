@@ -95,7 +95,7 @@ fn greedy_speculative_equals_plain_greedy() {
     let backend = plugins::load_backend(&cfg, "vulkan").unwrap().0;
     let mut s = Session::open(backend, &model_file(MODELS[0].1), 2048).unwrap();
     let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap()[..1200].to_string();
-    let chat = |s: &Session, u: &str| s.tok.encode(&s.render_chat(&[coordgen::chat::Message::new("user", u)], true).unwrap(), true).unwrap();
+    let chat = |s: &Session, u: &str| s.tok().encode(&s.render_chat(&[coordgen::chat::Message::new("user", u)], true).unwrap(), true).unwrap();
     let prompts = [chat(&s, &format!("Here is a text:\n\n{doc}\n\nRepeat its first two sentences exactly.")), chat(&s, "Write a short poem about the sea.")];
     for (pi, prompt) in prompts.iter().enumerate() {
         let p = GenerateParams { max_tokens: 48, ..Default::default() };

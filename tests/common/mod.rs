@@ -497,27 +497,25 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// bit-identically. `name` labels the failures.
 pub fn check_batch_invariance(s: &mut Session, name: &str) {
     let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
-    let toks = s.tok.encode(&text, false).unwrap();
+    let toks = s.tok().encode(&text, false).unwrap();
     let (np, nc) = (40usize, 8usize);
     let seq = &toks[..np + nc + 1];
-    let nv = s.model.n_vocab;
-    let slot = s.slot;
-    let b = &mut s.backend;
+    let nv = s.model().n_vocab;
 
     // (a) one token at a time.
-    b.truncate(slot, 0).unwrap();
+    s.truncate(0).unwrap();
     let mut alone = Vec::new();
     for (i, &t) in seq.iter().enumerate() {
-        alone.push(b.forward(&Forward { slot, tokens: &[t], positions: &[i as u32], mask: &[], logit_rows: &[0] }).unwrap());
+        alone.push(s.forward(&[t], &[i as u32], &[], &[0]).unwrap());
     }
     // (b) chunks of several widths, logits for every row.
     for width in [3usize, 8, 16, 33] {
-        b.truncate(slot, 0).unwrap();
+        s.truncate(0).unwrap();
         for (ci, chunk) in seq.chunks(width).enumerate() {
             let base = ci * width;
             let pos: Vec<u32> = (base as u32..(base + chunk.len()) as u32).collect();
             let rows: Vec<u32> = (0..chunk.len() as u32).collect();
-            let out = b.forward(&Forward { slot, tokens: chunk, positions: &pos, mask: &[], logit_rows: &rows }).unwrap();
+            let out = s.forward(chunk, &pos, &[], &rows).unwrap();
             for r in 0..chunk.len() {
                 assert_eq!(bits(&out[r * nv..(r + 1) * nv]), bits(&alone[base + r]), "{name}: width {width}, position {}", base + r);
             }
@@ -525,9 +523,9 @@ pub fn check_batch_invariance(s: &mut Session, name: &str) {
     }
     // (c) a token tree: the true continuation as one branch, with a distractor sibling
     // at every depth, nodes interleaved so the true branch is not contiguous.
-    b.truncate(slot, 0).unwrap();
+    s.truncate(0).unwrap();
     let pos: Vec<u32> = (0..np as u32).collect();
-    b.forward(&Forward { slot, tokens: &seq[..np], positions: &pos, mask: &[], logit_rows: &[] }).unwrap();
+    s.forward(&seq[..np], &pos, &[], &[]).unwrap();
     let mut tokens = Vec::new();
     let mut parents: Vec<i32> = Vec::new();
     let mut true_nodes = Vec::new();
@@ -555,15 +553,16 @@ pub fn check_batch_invariance(s: &mut Session, name: &str) {
         positions[i] = (np + depth - 1) as u32;
     }
     let rows: Vec<u32> = (0..w as u32).collect();
-    let out = b.forward(&Forward { slot, tokens: &tokens, positions: &positions, mask: &mask, logit_rows: &rows }).unwrap();
+    let out = s.forward(&tokens, &positions, &mask, &rows).unwrap();
     for (d, &node) in true_nodes.iter().enumerate() {
         assert_eq!(bits(&out[node * nv..(node + 1) * nv]), bits(&alone[np + d]), "{name}: tree node at depth {d}");
     }
     // Keep the accepted path and continue.
     let keep: Vec<u32> = true_nodes.iter().map(|&n| n as u32).collect();
-    b.keep_entries(slot, np as u32, &keep).unwrap();
-    assert_eq!(b.slot_len(slot).unwrap() as usize, np + nc);
-    let next = b.forward(&Forward { slot, tokens: &[seq[np + nc]], positions: &[(np + nc) as u32], mask: &[], logit_rows: &[0] }).unwrap();
+    s.keep_entries(np, &keep).unwrap();
+    assert_eq!(s.backend().slot_len(s.slot()).unwrap() as usize, np + nc);
+    assert_eq!(s.cached(), &seq[..np + nc], "{name}: the session's record of the slot after compaction");
+    let next = s.forward(&[seq[np + nc]], &[(np + nc) as u32], &[], &[0]).unwrap();
     assert_eq!(bits(&next), bits(&alone[np + nc]), "{name}: decode after tree compaction");
 }
 

@@ -1,80 +1,17 @@
-//! KV slots and the transformer forward pass (llama / qwen2 / qwen3) over a batch of
+//! The transformer forward pass (llama / qwen2 / qwen3) over a batch of
 //! tokens with explicit positions and an attention mask.
 
 use crate::model::CpuModel;
 use crate::attention::{self, AttnShape};
-use crate::kv::{KvBuf, KvType};
+use crate::kv::{KvBuf, Slot};
 use crate::ops;
 use crate::pool::ThreadPool;
 use crate::qgemm::{ActBits, QActs};
 use crate::simd::Isa;
 
-/// One sequence's KV cache: preallocated, with a fill count, so rollback is lowering `len`.
-pub struct Slot {
-    pub model: u64,
-    pub n_ctx: usize,
-    pub len: usize,
-    pub kv_dim: usize,
-    /// Per layer, `n_ctx x kv_dim` keys and values.
-    pub k: Vec<KvBuf>,
-    pub v: Vec<KvBuf>,
-}
 
-impl Slot {
-    pub fn new(model_id: u64, m: &CpuModel, n_ctx: usize, ty: KvType) -> Self {
-        let kv = m.kv_dim();
-        Slot {
-            model: model_id,
-            n_ctx,
-            len: 0,
-            kv_dim: kv,
-            k: (0..m.hp.n_layer).map(|_| KvBuf::new(ty, n_ctx * kv)).collect(),
-            v: (0..m.hp.n_layer).map(|_| KvBuf::new(ty, n_ctx * kv)).collect(),
-        }
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
-    }
-
-    /// What [`Slot::new`] would allocate, computed without allocating (saturating).
-    pub fn planned_bytes(m: &CpuModel, n_ctx: usize, ty: KvType) -> u64 {
-        (n_ctx as u64).saturating_mul(m.kv_dim() as u64).saturating_mul(m.hp.n_layer as u64).saturating_mul(2 * ty.bytes() as u64)
-    }
-
-    /// Copies the first `len` entries of `src` (same model and KV type) into this slot.
-    pub fn copy_prefix_from(&mut self, src: &Slot, len: usize) -> Result<(), String> {
-        for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {
-            d.copy_prefix_from(s, len * self.kv_dim)?;
-        }
-        self.len = len;
-        Ok(())
-    }
-
-    /// Keeps entries `0..start`, then `start + keep[k]` moved to `start + k`.
-    pub fn keep_entries(&mut self, kv_dim: usize, start: usize, keep: &[u32]) -> Result<(), String> {
-        coordgen_interface::checks::check_keep(self.len, start, keep)?;
-        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
-            for (dst, &src) in keep.iter().enumerate() {
-                let (d, s) = (start + dst, start + src as usize);
-                if d != s {
-                    layer.copy_within(s * kv_dim..(s + 1) * kv_dim, d * kv_dim);
-                }
-            }
-        }
-        self.len = start + keep.len();
-        Ok(())
-    }
-}
-
-/// The inputs of one forward.
-pub struct Batch<'a> {
-    pub tokens: &'a [u32],
-    pub positions: &'a [u32],
-    /// `W x W` row-major, empty = causal.
-    pub mask: &'a [u8],
-    pub logit_rows: &'a [u32],
-}
+/// One forward's inputs (the interface kit's plain-slice form).
+pub use coordgen_interface::backend_kit::Batch;
 
 /// Runs the model over the batch, appending its KV entries to the slot; returns the logits
 /// of the requested rows (`rows x n_vocab`).
@@ -93,7 +30,7 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
         return Err(format!("{} batches for {} slots", batches.len(), slots.len()));
     }
     for (s, b) in slots.iter().zip(batches) {
-        coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, hp.n_vocab, s.len, s.n_ctx)?;
+        coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, hp.n_vocab, s.len(), s.n_ctx())?;
     }
     // Segment i covers rows offs[i]..offs[i+1] of the joint batch.
     let mut offs = vec![0usize];
@@ -144,14 +81,13 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
                 ops::rope(&mut q[row * q_dim..(row + 1) * q_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
                 ops::rope(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
             }
-            let start = slot.len;
-            slot.k[li].write(start * kv_dim, &k[r0 * kv_dim..r1 * kv_dim]);
-            slot.v[li].write(start * kv_dim, &v[r0 * kv_dim..r1 * kv_dim]);
+            let start = slot.len();
+            slot.write_layer(li, start, &k[r0 * kv_dim..r1 * kv_dim], &v[r0 * kv_dim..r1 * kv_dim]);
             let mask = b.mask;
             let visible = move |t: usize, j: usize| if mask.is_empty() { j <= t } else { mask[t * n + j] != 0 };
             let shape = AttnShape { n_tok: n, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start };
             let (qs, out) = (&q[r0 * q_dim..r1 * q_dim], &mut attn[r0 * q_dim..r1 * q_dim]);
-            match (&slot.k[li], &slot.v[li]) {
+            match slot.layer(li) {
                 (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, out),
                 (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, out),
                 _ => return Err("forward: keys and values of a slot have different types".into()),
@@ -170,7 +106,7 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
     }
     for (slot, b) in slots.iter_mut().zip(batches) {
-        slot.len += b.tokens.len();
+        slot.advance(b.tokens.len());
     }
 
     // The requested rows of every segment go through the output matrix together.

@@ -8,7 +8,8 @@
 use coordgen_model::gguf::{GgufWriter, Value};
 use coordgen_model::quant::{quantize_row, GgmlType};
 
-use crate::forward::{forward, Batch, Slot};
+use crate::forward::{forward, Batch};
+use crate::kv::Slot;
 use crate::kv::KvType;
 use crate::model::CpuModel;
 use crate::pool::ThreadPool;

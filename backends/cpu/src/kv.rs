@@ -1,7 +1,10 @@
 //! KV cache storage: one preallocated buffer per layer for keys and one for values, in f32
 //! or f16 (the `kv_type` backend option). f16 halves the bytes attention streams per token,
 //! which is what bounds decoding over a long context; values are rounded to nearest even
-//! once, when written, so every later read of an entry sees the same numbers.
+//! once, when written, so every later read of an entry sees the same numbers. A [`Slot`] is
+//! one sequence's cache over all layers.
+
+use crate::model::CpuModel;
 
 /// An element type the cache can hold.
 pub trait KvElem: Copy + Send + Sync + 'static {
@@ -138,5 +141,116 @@ mod tests {
         assert_eq!(got, [0.0, 1.0, 1.0, 1.0 + 1.0 / 512.0, 65504.0]);
         assert_eq!(b.bytes(), 10);
         assert!(KvType::parse("q8").unwrap_err().contains("kv_type"));
+    }
+}
+
+/// One sequence's KV cache: preallocated, with a fill count, so rollback is lowering `len`.
+/// The fields are private: `len` changes only through [`Slot::advance`] (after a forward
+/// wrote the entries), [`Slot::truncate`], [`Slot::keep_entries`] and
+/// [`Slot::copy_prefix_from`], each of which checks its bounds.
+pub struct Slot {
+    model: u64,
+    n_ctx: usize,
+    len: usize,
+    kv_dim: usize,
+    /// Per layer, `n_ctx x kv_dim` keys and values.
+    k: Vec<KvBuf>,
+    v: Vec<KvBuf>,
+}
+
+impl Slot {
+    pub fn new(model_id: u64, m: &CpuModel, n_ctx: usize, ty: KvType) -> Self {
+        let kv = m.kv_dim();
+        Slot {
+            model: model_id,
+            n_ctx,
+            len: 0,
+            kv_dim: kv,
+            k: (0..m.hp.n_layer).map(|_| KvBuf::new(ty, n_ctx * kv)).collect(),
+            v: (0..m.hp.n_layer).map(|_| KvBuf::new(ty, n_ctx * kv)).collect(),
+        }
+    }
+
+    /// The model whose KV entries this slot holds.
+    pub fn model(&self) -> u64 {
+        self.model
+    }
+    /// Entries filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Entries it holds at most.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Keys and values of layer `li`.
+    pub fn layer(&self, li: usize) -> (&KvBuf, &KvBuf) {
+        (&self.k[li], &self.v[li])
+    }
+
+    /// Writes keys and values of layer `li` for entries from `start` on (a forward does so
+    /// for every layer, then [`Slot::advance`]s the fill count once).
+    pub fn write_layer(&mut self, li: usize, start: usize, k: &[f32], v: &[f32]) {
+        self.k[li].write(start * self.kv_dim, k);
+        self.v[li].write(start * self.kv_dim, v);
+    }
+
+    /// Counts `n` more entries as filled (the forward's checks keep this within `n_ctx`).
+    pub fn advance(&mut self, n: usize) {
+        debug_assert!(self.len + n <= self.n_ctx);
+        self.len += n;
+    }
+
+    /// Drops every entry past the first `len` (rolling back is lowering the fill count).
+    pub fn truncate(&mut self, len: usize) -> Result<(), String> {
+        if len > self.len {
+            return Err(format!("cannot truncate a slot of length {} to {len}", self.len));
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
+    }
+
+    /// What [`Slot::new`] would allocate, computed without allocating (saturating).
+    pub fn planned_bytes(m: &CpuModel, n_ctx: usize, ty: KvType) -> u64 {
+        (n_ctx as u64).saturating_mul(m.kv_dim() as u64).saturating_mul(m.hp.n_layer as u64).saturating_mul(2 * ty.bytes() as u64)
+    }
+
+    /// Copies the first `len` entries of `src` (same model and KV type) into this slot.
+    pub fn copy_prefix_from(&mut self, src: &Slot, len: usize) -> Result<(), String> {
+        if src.model != self.model {
+            return Err("copy_prefix: slots belong to different models".to_string());
+        }
+        if len > src.len || len > self.n_ctx {
+            return Err(format!("copy_prefix: {len} entries do not fit (source has {}, destination holds {})", src.len, self.n_ctx));
+        }
+        for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {
+            d.copy_prefix_from(s, len * self.kv_dim)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Keeps entries `0..start`, then `start + keep[k]` moved to `start + k`.
+    pub fn keep_entries(&mut self, start: usize, keep: &[u32]) -> Result<(), String> {
+        let kv_dim = self.kv_dim;
+        coordgen_interface::checks::check_keep(self.len, start, keep)?;
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            for (dst, &src) in keep.iter().enumerate() {
+                let (d, s) = (start + dst, start + src as usize);
+                if d != s {
+                    layer.copy_within(s * kv_dim..(s + 1) * kv_dim, d * kv_dim);
+                }
+            }
+        }
+        self.len = start + keep.len();
+        Ok(())
     }
 }

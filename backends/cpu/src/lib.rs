@@ -1,6 +1,6 @@
-//! The CPU compute backend, built as a `cdylib` plugin exporting a [`BackendModRef`] root
-//! module. [`CpuBackend`] is the native implementation; [`FfiCpu`] is the thin, panic-guarded
-//! adapter the plugin hands to the host.
+//! The CPU compute backend, built as a `cdylib` plugin exporting a `BackendModRef` root
+//! module. [`CpuBackend`] is the native implementation; the plugin hands the host
+//! it inside the interface kit's panic-guarded adapter (`GuardedBackend`).
 
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
@@ -28,17 +28,12 @@ pub mod unpack_x86;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use abi_stable::export_root_module;
-use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
-use coordgen_interface::{
-    guard, BackendBox, BackendCaps, BackendFfi, BackendFfi_TO, BackendMod, BackendModRef, ForwardBatch, ForwardOutput,
-    LoadRequest, ModelDesc, PluginInfo, PluginKind, INTERFACE_VERSION,
-};
+use abi_stable::std_types::{RString, RVec};
+use coordgen_interface::{BackendCaps, BackendImpl, ModelDesc};
 use coordgen_model::quant::GgmlType;
 
-use forward::{Batch, Slot};
+use forward::Batch;
+use kv::Slot;
 use kv::KvType;
 use model::CpuModel;
 use qgemm::ActBits;
@@ -122,7 +117,23 @@ impl CpuBackend {
         self.isa
     }
 
-    pub fn capabilities(&self) -> BackendCaps {
+    /// Bytes this backend holds beyond the mapped files: repacked weights and KV slots.
+    fn used_bytes(&self) -> u64 {
+        self.models.values().map(|m| m.extra_bytes).sum::<u64>() + self.slots.values().map(|s| s.bytes() as u64).sum::<u64>()
+    }
+
+    fn model(&self, id: u64) -> Result<&Arc<CpuModel>, String> {
+        self.models.get(&id).ok_or_else(|| format!("no model with handle {id}"))
+    }
+
+    fn slot(&mut self, id: u32) -> Result<&mut Slot, String> {
+        self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))
+    }
+}
+
+/// The plugin object: the backend behind the interface kit's guarded adapter.
+impl BackendImpl for CpuBackend {
+    fn capabilities(&self) -> BackendCaps {
         BackendCaps {
             weight_types: GgmlType::ALL.iter().map(|t| RString::from(t.name())).collect(),
             kv_types: RVec::from(vec![RString::from(self.kv_type.name())]),
@@ -135,19 +146,15 @@ impl CpuBackend {
         }
     }
 
-    pub fn set_threads(&mut self, n: u32) {
+    fn set_threads(&mut self, n: u32) -> Result<(), String> {
         let n = if n == 0 { default_threads() } else { n as usize };
         if n != self.pool.threads() {
             self.pool = ThreadPool::new(n);
         }
+        Ok(())
     }
 
-    /// Bytes this backend holds beyond the mapped files: repacked weights and KV slots.
-    fn used_bytes(&self) -> u64 {
-        self.models.values().map(|m| m.extra_bytes).sum::<u64>() + self.slots.values().map(|s| s.bytes() as u64).sum::<u64>()
-    }
-
-    pub fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
+    fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
         // The kernels' repacked copies of the weights take about the file's tensor bytes.
         let file = coordgen_model::ModelFile::open(path).map_err(|e| e.to_string())?;
         coordgen_interface::checks::check_fits(&format!("loading {path}"), file.weight_bytes(), self.used_bytes(), self.memory_budget)?;
@@ -168,22 +175,14 @@ impl CpuBackend {
         Ok(desc)
     }
 
-    pub fn unload_model(&mut self, id: u64) -> Result<(), String> {
-        if self.slots.values().any(|s| s.model == id) {
+    fn unload_model(&mut self, id: u64) -> Result<(), String> {
+        if self.slots.values().any(|s| s.model() == id) {
             return Err(format!("model {id} still has KV slots; free them first"));
         }
         self.models.remove(&id).map(|_| ()).ok_or_else(|| format!("no model with handle {id}"))
     }
 
-    fn model(&self, id: u64) -> Result<&Arc<CpuModel>, String> {
-        self.models.get(&id).ok_or_else(|| format!("no model with handle {id}"))
-    }
-
-    fn slot(&mut self, id: u32) -> Result<&mut Slot, String> {
-        self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))
-    }
-
-    pub fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {
+    fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {
         if n_ctx == 0 {
             return Err("a KV slot needs at least one entry".into());
         }
@@ -197,60 +196,48 @@ impl CpuBackend {
         Ok(id)
     }
 
-    pub fn free_slot(&mut self, id: u32) -> Result<(), String> {
+    fn free_slot(&mut self, id: u32) -> Result<(), String> {
         self.slots.remove(&id).map(|_| ()).ok_or_else(|| format!("no KV slot {id}"))
     }
 
-    pub fn slot_len(&self, id: u32) -> Result<u32, String> {
-        self.slots.get(&id).map(|s| s.len as u32).ok_or_else(|| format!("no KV slot {id}"))
+    fn slot_len(&self, id: u32) -> Result<u32, String> {
+        self.slots.get(&id).map(|s| s.len() as u32).ok_or_else(|| format!("no KV slot {id}"))
     }
 
-    pub fn truncate(&mut self, id: u32, len: u32) -> Result<(), String> {
+    fn truncate(&mut self, id: u32, len: u32) -> Result<(), String> {
         let s = self.slot(id)?;
-        if len as usize > s.len {
-            return Err(format!("cannot truncate slot {id} of length {} to {len}", s.len));
-        }
-        s.len = len as usize;
-        Ok(())
+        let had = s.len();
+        s.truncate(len as usize).map_err(|_| format!("cannot truncate slot {id} of length {had} to {len}"))
     }
 
-    pub fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> Result<(), String> {
+    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> Result<(), String> {
         if src == dst {
             return Err("copy_prefix: source and destination are the same slot".into());
         }
         let s = self.slots.remove(&src).ok_or_else(|| format!("no KV slot {src}"))?;
         let r = (|| {
             let d = self.slots.get_mut(&dst).ok_or_else(|| format!("no KV slot {dst}"))?;
-            if s.model != d.model {
-                return Err("copy_prefix: slots belong to different models".to_string());
-            }
-            let len = len as usize;
-            if len > s.len || len > d.n_ctx {
-                return Err(format!("copy_prefix: {len} entries do not fit (source has {}, destination holds {})", s.len, d.n_ctx));
-            }
-            d.copy_prefix_from(&s, len)
+            d.copy_prefix_from(&s, len as usize)
         })();
         self.slots.insert(src, s);
         r
     }
 
-    pub fn keep_entries(&mut self, id: u32, start: u32, keep: &[u32]) -> Result<(), String> {
-        let s = self.slots.get(&id).ok_or_else(|| format!("no KV slot {id}"))?;
-        let kv = self.model(s.model)?.kv_dim();
-        self.slot(id)?.keep_entries(kv, start as usize, keep)
+    fn keep_entries(&mut self, id: u32, start: u32, keep: &[u32]) -> Result<(), String> {
+        self.slot(id)?.keep_entries(start as usize, keep)
     }
 
-    pub fn forward(&mut self, slot: u32, batch: &Batch<'_>) -> Result<Vec<f32>, String> {
+    fn forward(&mut self, slot: u32, batch: &Batch<'_>) -> Result<Vec<f32>, String> {
         if batch.tokens.len() > MAX_WIDTH as usize {
             return Err(format!("batch of {} tokens exceeds the maximum width {MAX_WIDTH}", batch.tokens.len()));
         }
         let s = self.slots.get_mut(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
-        let m = self.models.get(&s.model).ok_or_else(|| format!("slot {slot} refers to an unloaded model"))?;
+        let m = self.models.get(&s.model()).ok_or_else(|| format!("slot {slot} refers to an unloaded model"))?;
         forward::forward(&self.pool, self.isa, self.act_bits, m, s, batch)
     }
 
     /// One forward over several distinct slots of one model (see `BackendFfi::forward_slots`).
-    pub fn forward_slots(&mut self, ids: &[u32], batches: &[Batch<'_>]) -> Result<Vec<Vec<f32>>, String> {
+    fn forward_slots(&mut self, ids: &[u32], batches: &[Batch<'_>]) -> Result<Vec<Vec<f32>>, String> {
         let total: usize = batches.iter().map(|b| b.tokens.len()).sum();
         if total > MAX_WIDTH as usize {
             return Err(format!("batches of {total} tokens in all exceed the maximum width {MAX_WIDTH}"));
@@ -275,8 +262,8 @@ impl CpuBackend {
                     format!("no KV slot {id}")
                 });
             }
-            let model = taken.first().map(|(_, s)| s.model).ok_or("a forward over no slots")?;
-            if taken.iter().any(|(_, s)| s.model != model) {
+            let model = taken.first().map(|(_, s)| s.model()).ok_or("a forward over no slots")?;
+            if taken.iter().any(|(_, s)| s.model() != model) {
                 return Err("one forward over slots of different models".to_string());
             }
             let m = self.models.get(&model).ok_or_else(|| format!("slot {} refers to an unloaded model", ids[0]))?;
@@ -289,12 +276,12 @@ impl CpuBackend {
         r
     }
 
-    pub fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
+    fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
         let s = self.slots.get(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
-        Ok(self.model(s.model)?.hp.n_vocab)
+        Ok(self.model(s.model())?.hp.n_vocab)
     }
 
-    pub fn stats_json(&self) -> String {
+    fn stats_json(&self) -> String {
         serde_json::json!({
             "isa": self.isa.name(),
             "activation_bits": if self.act_bits == ActBits::Eight { 8 } else { 15 },
@@ -307,89 +294,5 @@ impl CpuBackend {
     }
 }
 
-/// FFI adapter: every method runs inside [`guard`].
-pub struct FfiCpu(CpuBackend);
-
-impl BackendFfi for FfiCpu {
-    fn capabilities(&self) -> RResult<BackendCaps, RString> {
-        guard(|| Ok(self.0.capabilities()))
-    }
-    fn set_threads(&mut self, n: u32) -> RResult<(), RString> {
-        guard(|| {
-            self.0.set_threads(n);
-            Ok(())
-        })
-    }
-    fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString> {
-        guard(|| self.0.load_model(req.path.as_str()))
-    }
-    fn unload_model(&mut self, model: u64) -> RResult<(), RString> {
-        guard(|| self.0.unload_model(model))
-    }
-    fn create_slot(&mut self, model: u64, n_ctx: u32) -> RResult<u32, RString> {
-        guard(|| self.0.create_slot(model, n_ctx))
-    }
-    fn free_slot(&mut self, slot: u32) -> RResult<(), RString> {
-        guard(|| self.0.free_slot(slot))
-    }
-    fn slot_len(&self, slot: u32) -> RResult<u32, RString> {
-        guard(|| self.0.slot_len(slot))
-    }
-    fn truncate(&mut self, slot: u32, len: u32) -> RResult<(), RString> {
-        guard(|| self.0.truncate(slot, len))
-    }
-    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> RResult<(), RString> {
-        guard(|| self.0.copy_prefix(src, dst, len))
-    }
-    fn keep_entries(&mut self, slot: u32, start: u32, keep: RSlice<'_, u32>) -> RResult<(), RString> {
-        guard(|| self.0.keep_entries(slot, start, keep.as_slice()))
-    }
-    fn forward(&mut self, b: &ForwardBatch) -> RResult<ForwardOutput, RString> {
-        guard(|| {
-            let n_vocab = self.0.n_vocab_of_slot(b.slot)?;
-            let batch = Batch { tokens: &b.tokens, positions: &b.positions, mask: &b.mask, logit_rows: &b.logit_rows };
-            let logits = self.0.forward(b.slot, &batch)?;
-            Ok(ForwardOutput { n_vocab: n_vocab as u32, logits: RVec::from(logits) })
-        })
-    }
-    fn stats_json(&self) -> RResult<RString, RString> {
-        guard(|| Ok(RString::from(self.0.stats_json())))
-    }
-    fn forward_slots(&mut self, bs: RSlice<'_, ForwardBatch>) -> RResult<RVec<ForwardOutput>, RString> {
-        guard(|| {
-            let ids: Vec<u32> = bs.iter().map(|b| b.slot).collect();
-            let n_vocab = match ids.first() {
-                Some(&id) => self.0.n_vocab_of_slot(id)? as u32,
-                None => return Ok(RVec::new()),
-            };
-            let batches: Vec<Batch<'_>> =
-                bs.iter().map(|b| Batch { tokens: &b.tokens, positions: &b.positions, mask: &b.mask, logit_rows: &b.logit_rows }).collect();
-            let outs = self.0.forward_slots(&ids, &batches)?;
-            Ok(outs.into_iter().map(|l| ForwardOutput { n_vocab, logits: RVec::from(l) }).collect())
-        })
-    }
-}
-
-extern "C" fn info() -> PluginInfo {
-    PluginInfo {
-        name: "cpu".into(),
-        kind: PluginKind::Backend,
-        interface_version: INTERFACE_VERSION,
-        version: env!("CARGO_PKG_VERSION").into(),
-        description: "CPU backend: GGUF/safetensors llama, qwen2, qwen3; scalar/AVX2/AVX-512/NEON".into(),
-    }
-}
-
-extern "C" fn create(options_json: RStr<'_>) -> RResult<BackendBox, RString> {
-    guard(|| {
-        let b = CpuBackend::from_options_json(options_json.as_str())?;
-        Ok(BackendFfi_TO::from_value(FfiCpu(b), TD_Opaque))
-    })
-}
-
-/// The plugin's root module.
-#[export_root_module]
-pub fn get_library() -> BackendModRef {
-    BackendMod { info, create }.leak_into_prefix()
-}
+coordgen_interface::export_backend!("cpu", "CPU backend: GGUF/safetensors llama, qwen2, qwen3; scalar/AVX2/AVX-512/NEON", CpuBackend::from_options_json);
 

@@ -30,7 +30,9 @@ use core::arch::aarch64::*;
 #[cfg(not(target_arch = "aarch64"))]
 use crate::neon_emu::*;
 
-use crate::qgemm::{reduce16, ActBits, QActs, URow, TILE};
+use crate::qgemm::acts::{ActBits, QActs};
+use crate::qgemm::layout::{URow, TILE};
+use crate::qgemm::scalar::reduce16;
 
 /// How four-byte groups of products are summed into 32-bit lanes.
 pub trait Dot4 {

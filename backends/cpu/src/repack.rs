@@ -35,7 +35,9 @@
 
 use coordgen_model::quant::{k_scale_min, GgmlType};
 
-use crate::qgemm::{self, URow, TILE};
+use crate::qgemm::layout::{h, URow, TILE};
+use crate::qgemm::scalar::k_block_scales;
+use crate::qgemm;
 use crate::simd::Isa;
 
 /// Whether rows of `ty` are repacked at load.
@@ -199,7 +201,7 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
         }
         let (sc, bi) = (&mut row.scale16[b * 16..b * 16 + 16], &mut row.bias16[b * 16..b * 16 + 16]);
         if ty == GgmlType::Q4K {
-            let (d, dmin) = (qgemm::h(blk, 0), qgemm::h(blk, 2));
+            let (d, dmin) = (h(blk, 0), h(blk, 2));
             let mut b16 = [0u8; 16];
             b16[..12].copy_from_slice(&blk[4..16]);
             let bits = u128::from_le_bytes(b16);
@@ -210,7 +212,7 @@ pub fn unpack_row(ty: GgmlType, src: &[u8], row: &mut URow) {
             }
         } else {
             // Q6_K's scale bytes and d are the file's, at the file's offsets.
-            qgemm::k_block_scales(ty, blk, sc, bi);
+            k_block_scales(ty, blk, sc, bi);
         }
     }
 }
@@ -233,12 +235,12 @@ fn unpack_small_row(ty: GgmlType, src: &[u8], row: &mut URow) {
             }
         }
         for b in 0..l.nb {
-            let dd = qgemm::h(d, l.d + 2 * b);
+            let dd = h(d, l.d + 2 * b);
             let bias = match ty {
                 GgmlType::Q4_0 => -8.0 * dd,
                 GgmlType::Q5_0 => -16.0 * dd,
                 GgmlType::Q8_0 => -128.0 * dd,
-                _ => qgemm::h(d, l.m + 2 * b),
+                _ => h(d, l.m + 2 * b),
             };
             let g = tile * 16 + 2 * b;
             row.scale16[g..g + 2].fill(dd);

@@ -29,11 +29,18 @@ impl Isa {
     }
 }
 
+/// `COORDGEN_ISA` (`scalar`, `avx2`, `avx512`; empty when unset), read once: every kernel
+/// choice narrows by the same value for the whole process.
+pub fn isa_override() -> &'static str {
+    static WANT: OnceLock<String> = OnceLock::new();
+    WANT.get_or_init(|| std::env::var("COORDGEN_ISA").unwrap_or_default())
+}
+
 /// The best path this CPU supports, unless `COORDGEN_ISA=scalar|avx2|avx512` narrows it.
 pub fn detect() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let want = std::env::var("COORDGEN_ISA").unwrap_or_default();
+        let want = isa_override();
         if want == "scalar" {
             return Isa::Scalar;
         }

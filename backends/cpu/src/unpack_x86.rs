@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use coordgen_model::quant::GgmlType;
 
-use crate::qgemm::{URow, TILE};
+use crate::qgemm::layout::{URow, TILE};
 use crate::repack::SmallTile;
 
 fn has_avx512() -> bool {

@@ -131,12 +131,8 @@ impl Work {
     }
 }
 
-pub struct Batch<'a> {
-    pub tokens: &'a [u32],
-    pub positions: &'a [u32],
-    pub mask: &'a [u8],
-    pub logit_rows: &'a [u32],
-}
+/// One forward's inputs (the interface kit's plain-slice form).
+pub use coordgen_interface::backend_kit::Batch;
 
 fn words(v: &[u32]) -> &[u8] {
     // SAFETY: u32 has no padding.

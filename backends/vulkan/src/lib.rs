@@ -22,14 +22,8 @@ pub mod shaders;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use abi_stable::export_root_module;
-use abi_stable::prefix_type::PrefixTypeTrait;
-use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
-use coordgen_interface::{
-    guard, BackendBox, BackendCaps, BackendFfi, BackendFfi_TO, BackendMod, BackendModRef, ForwardBatch, ForwardOutput,
-    LoadRequest, ModelDesc, PluginInfo, PluginKind, INTERFACE_VERSION,
-};
+use abi_stable::std_types::{RString, RVec};
+use coordgen_interface::{BackendCaps, BackendImpl, ModelDesc};
 use coordgen_model::quant::GgmlType;
 
 use forward::{Batch, Slot, Work, MAX_WIDTH};
@@ -83,7 +77,14 @@ impl VulkanBackend {
         &self.ctx.info.name
     }
 
-    pub fn capabilities(&self) -> BackendCaps {
+    fn slot(&mut self, id: u32) -> Result<&mut Slot, String> {
+        self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))
+    }
+}
+
+/// The plugin object: the backend behind the interface kit's guarded adapter.
+impl BackendImpl for VulkanBackend {
+    fn capabilities(&self) -> BackendCaps {
         BackendCaps {
             weight_types: GgmlType::ALL.iter().map(|t| RString::from(t.name())).collect(),
             kv_types: RVec::from(vec![RString::from("f16")]),
@@ -96,7 +97,7 @@ impl VulkanBackend {
         }
     }
 
-    pub fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
+    fn load_model(&mut self, path: &str) -> Result<ModelDesc, String> {
         let m = GpuModel::load(&self.ctx, path)?;
         let id = self.next_model;
         self.next_model += 1;
@@ -115,7 +116,7 @@ impl VulkanBackend {
         Ok(desc)
     }
 
-    pub fn unload_model(&mut self, id: u64) -> Result<(), String> {
+    fn unload_model(&mut self, id: u64) -> Result<(), String> {
         if self.slots.values().any(|s| s.model == id) {
             return Err(format!("model {id} still has KV slots; free them first"));
         }
@@ -123,7 +124,7 @@ impl VulkanBackend {
         self.models.remove(&id).map(|_| ()).ok_or_else(|| format!("no model with handle {id}"))
     }
 
-    pub fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {
+    fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {
         if n_ctx == 0 {
             return Err("a KV slot needs at least one entry".into());
         }
@@ -135,19 +136,15 @@ impl VulkanBackend {
         Ok(id)
     }
 
-    fn slot(&mut self, id: u32) -> Result<&mut Slot, String> {
-        self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))
-    }
-
-    pub fn free_slot(&mut self, id: u32) -> Result<(), String> {
+    fn free_slot(&mut self, id: u32) -> Result<(), String> {
         self.slots.remove(&id).map(|_| ()).ok_or_else(|| format!("no KV slot {id}"))
     }
 
-    pub fn slot_len(&self, id: u32) -> Result<u32, String> {
+    fn slot_len(&self, id: u32) -> Result<u32, String> {
         self.slots.get(&id).map(|s| s.len as u32).ok_or_else(|| format!("no KV slot {id}"))
     }
 
-    pub fn truncate(&mut self, id: u32, len: u32) -> Result<(), String> {
+    fn truncate(&mut self, id: u32, len: u32) -> Result<(), String> {
         let s = self.slot(id)?;
         if len as usize > s.len {
             return Err(format!("cannot truncate slot {id} of length {} to {len}", s.len));
@@ -156,7 +153,7 @@ impl VulkanBackend {
         Ok(())
     }
 
-    pub fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> Result<(), String> {
+    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> Result<(), String> {
         if src == dst {
             return Err("copy_prefix: source and destination are the same slot".into());
         }
@@ -177,25 +174,25 @@ impl VulkanBackend {
         r
     }
 
-    pub fn keep_entries(&mut self, id: u32, start: u32, keep: &[u32]) -> Result<(), String> {
+    fn keep_entries(&mut self, id: u32, start: u32, keep: &[u32]) -> Result<(), String> {
         let s = self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))?;
         let kv = self.models.get(&s.model).ok_or("slot refers to an unloaded model")?.kv_dim();
         forward::keep_entries(&self.ctx, s, kv, start as usize, keep)
     }
 
-    pub fn forward(&mut self, slot: u32, batch: &Batch<'_>) -> Result<Vec<f32>, String> {
+    fn forward(&mut self, slot: u32, batch: &Batch<'_>) -> Result<Vec<f32>, String> {
         let s = self.slots.get_mut(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
         let m = self.models.get_mut(&s.model).ok_or_else(|| format!("slot {slot} refers to an unloaded model"))?;
         let work = self.work.entry(s.model).or_default();
         forward::forward(&self.ctx, &self.shaders, m, s, work, batch)
     }
 
-    pub fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
+    fn n_vocab_of_slot(&self, slot: u32) -> Result<usize, String> {
         let s = self.slots.get(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
         Ok(self.models.get(&s.model).ok_or("slot refers to an unloaded model")?.hp.n_vocab)
     }
 
-    pub fn stats_json(&self) -> String {
+    fn stats_json(&self) -> String {
         let i = &self.ctx.info;
         serde_json::json!({
             "device": i.name,
@@ -217,72 +214,4 @@ impl VulkanBackend {
     }
 }
 
-/// FFI adapter: every method runs inside [`guard`].
-pub struct FfiVulkan(VulkanBackend);
-
-impl BackendFfi for FfiVulkan {
-    fn capabilities(&self) -> RResult<BackendCaps, RString> {
-        guard(|| Ok(self.0.capabilities()))
-    }
-    fn set_threads(&mut self, _n: u32) -> RResult<(), RString> {
-        RResult::ROk(())
-    }
-    fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString> {
-        guard(|| self.0.load_model(req.path.as_str()))
-    }
-    fn unload_model(&mut self, model: u64) -> RResult<(), RString> {
-        guard(|| self.0.unload_model(model))
-    }
-    fn create_slot(&mut self, model: u64, n_ctx: u32) -> RResult<u32, RString> {
-        guard(|| self.0.create_slot(model, n_ctx))
-    }
-    fn free_slot(&mut self, slot: u32) -> RResult<(), RString> {
-        guard(|| self.0.free_slot(slot))
-    }
-    fn slot_len(&self, slot: u32) -> RResult<u32, RString> {
-        guard(|| self.0.slot_len(slot))
-    }
-    fn truncate(&mut self, slot: u32, len: u32) -> RResult<(), RString> {
-        guard(|| self.0.truncate(slot, len))
-    }
-    fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> RResult<(), RString> {
-        guard(|| self.0.copy_prefix(src, dst, len))
-    }
-    fn keep_entries(&mut self, slot: u32, start: u32, keep: RSlice<'_, u32>) -> RResult<(), RString> {
-        guard(|| self.0.keep_entries(slot, start, keep.as_slice()))
-    }
-    fn forward(&mut self, b: &ForwardBatch) -> RResult<ForwardOutput, RString> {
-        guard(|| {
-            let n_vocab = self.0.n_vocab_of_slot(b.slot)?;
-            let batch = Batch { tokens: &b.tokens, positions: &b.positions, mask: &b.mask, logit_rows: &b.logit_rows };
-            let logits = self.0.forward(b.slot, &batch)?;
-            Ok(ForwardOutput { n_vocab: n_vocab as u32, logits: RVec::from(logits) })
-        })
-    }
-    fn stats_json(&self) -> RResult<RString, RString> {
-        guard(|| Ok(RString::from(self.0.stats_json())))
-    }
-}
-
-extern "C" fn info() -> PluginInfo {
-    PluginInfo {
-        name: "vulkan".into(),
-        kind: PluginKind::Backend,
-        interface_version: INTERFACE_VERSION,
-        version: env!("CARGO_PKG_VERSION").into(),
-        description: "Vulkan GPU backend: GGUF/safetensors llama, qwen2, qwen3; weights and f16 KV cache in device memory".into(),
-    }
-}
-
-extern "C" fn create(options_json: RStr<'_>) -> RResult<BackendBox, RString> {
-    guard(|| {
-        let b = VulkanBackend::from_options_json(options_json.as_str())?;
-        Ok(BackendFfi_TO::from_value(FfiVulkan(b), TD_Opaque))
-    })
-}
-
-/// The plugin's root module.
-#[export_root_module]
-pub fn get_library() -> BackendModRef {
-    BackendMod { info, create }.leak_into_prefix()
-}
+coordgen_interface::export_backend!("vulkan", "Vulkan GPU backend: GGUF/safetensors llama, qwen2, qwen3; weights and f16 KV cache in device memory", VulkanBackend::from_options_json);

@@ -33,7 +33,7 @@ fn main() -> Result<()> {
 
     let mut session = Session::open(backend, Path::new(&args[1]), 4096)?;
     let prompt_text = session.render_chat(&[Message::new("user", &args[2])], true)?;
-    let prompt = session.tok.encode(&prompt_text, true)?;
+    let prompt = session.tok().encode(&prompt_text, true)?;
     let params = GenerateParams { max_tokens: 128, ..Default::default() };
     let mut out = std::io::stdout();
     let g = session.generate(&prompt, &params, &mut |piece| {

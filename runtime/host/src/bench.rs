@@ -8,7 +8,6 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::engine::Session;
-use crate::plugins::Forward;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct WidthResult {
@@ -37,23 +36,23 @@ fn filler(n: usize, n_vocab: usize, seed: usize) -> Vec<u32> {
 
 /// Latency of one forward of each width (logits for every row) after `context` tokens.
 pub fn widths(s: &mut Session, widths: &[usize], context: usize, reps: usize) -> Result<Vec<WidthResult>> {
-    let ctx_tokens = filler(context, s.model.n_vocab, 1);
+    let ctx_tokens = filler(context, s.model().n_vocab, 1);
     s.reset()?;
     let pos: Vec<u32> = (0..context as u32).collect();
-    for (c, p) in ctx_tokens.chunks(s.prefill_chunk).zip(pos.chunks(s.prefill_chunk)) {
-        s.backend.forward(&Forward { slot: s.slot, tokens: c, positions: p, mask: &[], logit_rows: &[] })?;
+    for (c, p) in ctx_tokens.chunks(s.prefill_chunk()).zip(pos.chunks(s.prefill_chunk())) {
+        s.forward(c, p, &[], &[])?;
     }
     let mut out = Vec::new();
     for &w in widths {
-        let toks = filler(w, s.model.n_vocab, 2);
+        let toks = filler(w, s.model().n_vocab, 2);
         let pos: Vec<u32> = (context as u32..(context + w) as u32).collect();
         let rows: Vec<u32> = (0..w as u32).collect();
         let mut times = Vec::new();
         for r in 0..reps + 1 {
             let t = Instant::now();
-            s.backend.forward(&Forward { slot: s.slot, tokens: &toks, positions: &pos, mask: &[], logit_rows: &rows })?;
+            s.forward(&toks, &pos, &[], &rows)?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            s.backend.truncate(s.slot, context as u32)?;
+            s.truncate(context)?;
             if r > 0 {
                 times.push(ms); // the first run warms caches and page mappings
             }
@@ -70,13 +69,13 @@ pub fn widths(s: &mut Session, widths: &[usize], context: usize, reps: usize) ->
 /// Tokens per second decoding `n` tokens one at a time after a short prompt.
 pub fn decode_tps(s: &mut Session, n: usize) -> Result<f64> {
     s.reset()?;
-    let prompt = filler(16, s.model.n_vocab, 3);
+    let prompt = filler(16, s.model().n_vocab, 3);
     let pos: Vec<u32> = (0..16).collect();
-    s.backend.forward(&Forward { slot: s.slot, tokens: &prompt, positions: &pos, mask: &[], logit_rows: &[15] })?;
+    s.forward(&prompt, &pos, &[], &[15])?;
     let t = Instant::now();
     let mut tok = prompt[15];
     for i in 0..n {
-        let logits = s.backend.forward(&Forward { slot: s.slot, tokens: &[tok], positions: &[16 + i as u32], mask: &[], logit_rows: &[0] })?;
+        let logits = s.forward(&[tok], &[16 + i as u32], &[], &[0])?;
         tok = crate::sampling::argmax(&logits);
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
@@ -85,13 +84,13 @@ pub fn decode_tps(s: &mut Session, n: usize) -> Result<f64> {
 /// Tokens per second prefilling `n` tokens in the session's chunk size.
 pub fn prefill_tps(s: &mut Session, n: usize) -> Result<f64> {
     s.reset()?;
-    let toks = filler(n, s.model.n_vocab, 4);
+    let toks = filler(n, s.model().n_vocab, 4);
     let pos: Vec<u32> = (0..n as u32).collect();
     let t = Instant::now();
-    let chunks = toks.len().div_ceil(s.prefill_chunk);
-    for (i, (c, p)) in toks.chunks(s.prefill_chunk).zip(pos.chunks(s.prefill_chunk)).enumerate() {
+    let chunks = toks.len().div_ceil(s.prefill_chunk());
+    for (i, (c, p)) in toks.chunks(s.prefill_chunk()).zip(pos.chunks(s.prefill_chunk())).enumerate() {
         let rows: Vec<u32> = if i + 1 == chunks { vec![c.len() as u32 - 1] } else { vec![] };
-        s.backend.forward(&Forward { slot: s.slot, tokens: c, positions: p, mask: &[], logit_rows: &rows })?;
+        s.forward(c, p, &[], &rows)?;
     }
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }

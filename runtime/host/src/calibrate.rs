@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use coordgen_interface::CostSample;
 
 use crate::engine::Session;
-use crate::plugins::{file_stamp, Forward};
+use crate::plugins::file_stamp;
 
 /// Widths timed with logits for every row (verification of drafts and trees).
 const VERIFY_WIDTHS: [u32; 11] = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32];
@@ -29,15 +29,15 @@ pub fn key(s: &Session) -> String {
         .and_then(|t| t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let caps = s.backend.capabilities();
-    let path = std::fs::canonicalize(&s.model_path).unwrap_or_else(|_| s.model_path.clone());
+    let caps = s.backend().capabilities();
+    let path = std::fs::canonicalize(&s.model_path()).unwrap_or_else(|_| s.model_path().to_path_buf());
     let (size, mtime) = file_stamp(&path);
     // The running build: a rebuilt workspace (new kernels) re-measures instead of trusting
     // costs timed with the old ones.
     let build = std::env::current_exe().map(|p| file_stamp(&p).1).unwrap_or(0);
     format!(
         "cpu={cpu};cores={cores};backend={};threads={};max_width={};model={};size={size};mtime={mtime};coordgen={};build={build}",
-        s.backend.identity(),
+        s.backend().identity(),
         caps.threads,
         caps.max_width,
         path.display(),
@@ -111,25 +111,24 @@ pub fn cost_samples(s: &mut Session, force: bool) -> Result<(Vec<CostSample>, bo
 /// Times forwards of each width at two context lengths (the fastest of [`PASSES`] runs each,
 /// one run for prefill widths).
 pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
-    let caps = s.backend.capabilities();
+    let caps = s.backend().capabilities();
     let max_w = if caps.max_width == 0 { u32::MAX } else { caps.max_width };
-    let vocab = s.tok.vocab_size().max(2) as u32;
+    let vocab = s.tok().vocab_size().max(2) as u32;
     // Arbitrary but fixed tokens: the cost of a forward does not depend on which they are.
     let tok = |i: u32| (i.wrapping_mul(7919).wrapping_add(13)) % vocab;
-    let room = s.n_ctx as u32;
+    let room = s.n_ctx() as u32;
     let contexts: Vec<u32> = [32u32, 288].into_iter().filter(|&c| c + 64 < room).collect();
     let contexts = if contexts.is_empty() { vec![0] } else { contexts };
     s.reset()?;
     let mut out = Vec::new();
     for (ci, &ctx) in contexts.iter().enumerate() {
         // Fill the cache up to `ctx` (untimed).
-        while (s.cached.len() as u32) < ctx {
-            let start = s.cached.len() as u32;
+        while (s.cached().len() as u32) < ctx {
+            let start = s.cached().len() as u32;
             let n = (ctx - start).min(128).min(max_w);
             let toks: Vec<u32> = (start..start + n).map(tok).collect();
             let pos: Vec<u32> = (start..start + n).collect();
-            s.backend.forward(&Forward { slot: s.slot, tokens: &toks, positions: &pos, mask: &[], logit_rows: &[] })?;
-            s.cached.extend_from_slice(&toks);
+            s.forward(&toks, &pos, &[], &[])?;
         }
         let mut widths: Vec<(u32, u32)> = VERIFY_WIDTHS.iter().map(|&w| (w, w)).collect();
         if ci == 0 {
@@ -142,8 +141,8 @@ pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
                 let toks: Vec<u32> = (ctx..ctx + w).map(tok).collect();
                 let pos: Vec<u32> = (ctx..ctx + w).collect();
                 let rows: Vec<u32> = (0..w).collect();
-                s.backend.forward(&Forward { slot: s.slot, tokens: &toks, positions: &pos, mask: &[], logit_rows: &rows })?;
-                s.backend.truncate(s.slot, ctx)?;
+                s.forward(&toks, &pos, &[], &rows)?;
+                s.truncate(ctx as usize)?;
             }
         }
         // Round-robin passes over all widths, keeping each width's fastest time: a slow
@@ -160,9 +159,9 @@ pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
                 let pos: Vec<u32> = (ctx..ctx + w).collect();
                 let logit_rows: Vec<u32> = if rows > 1 && rows < w { (0..w).filter(|r| r % (w / rows) == 0).collect() } else { (w - rows..w).collect() };
                 let t = Instant::now();
-                s.backend.forward(&Forward { slot: s.slot, tokens: &toks, positions: &pos, mask: &[], logit_rows: &logit_rows })?;
+                s.forward(&toks, &pos, &[], &logit_rows)?;
                 best[i] = best[i].min(t.elapsed().as_micros() as u64);
-                s.backend.truncate(s.slot, ctx)?;
+                s.truncate(ctx as usize)?;
             }
         }
         for (&(w, rows), &b) in widths.iter().zip(&best) {

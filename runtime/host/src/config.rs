@@ -36,52 +36,13 @@ pub struct PluginsConfig {
     pub scheduler: Option<String>,
     /// Which drafting techniques are on (all by default).
     #[serde(default)]
-    pub techniques: TechniquesConfig,
+    pub techniques: crate::techniques::Techniques,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginEntry>,
     #[serde(skip)]
     pub base_dir: PathBuf,
     #[serde(skip)]
     pub source: String,
-}
-
-/// The `[techniques]` table of `plugins.toml`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TechniquesConfig {
-    /// Context-aligned drafting (the target's predictions over the prompt feed the drafter).
-    #[serde(default = "yes")]
-    pub calibration: bool,
-    /// Reuse of the agreeing tail of rejected drafts.
-    #[serde(default = "yes")]
-    pub reuse: bool,
-    /// Draft trees as wide as the backend verifies almost for free.
-    #[serde(default = "yes")]
-    pub extension: bool,
-    /// Prompt positions between calibrated predictions (0 = from the cost model).
-    #[serde(default)]
-    pub calibration_stride: u32,
-    /// Overlapped drafting: a drafter that runs a model drafts the next step while the
-    /// target verifies the current one, on cores taken from the target.
-    #[serde(default)]
-    pub overlap: bool,
-    /// Threads such a drafter gets while overlapping (the target keeps the rest).
-    #[serde(default = "one")]
-    pub overlap_draft_threads: u32,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Default for TechniquesConfig {
-    fn default() -> Self {
-        TechniquesConfig { calibration: true, reuse: true, extension: true, calibration_stride: 0, overlap: false, overlap_draft_threads: 1 }
-    }
 }
 
 impl PluginsConfig {

@@ -14,6 +14,8 @@ pub mod replay;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod session;
 pub mod spec;
+pub mod techniques;
 pub mod tokenizer;
 pub mod workload;

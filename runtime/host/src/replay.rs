@@ -80,7 +80,7 @@ pub fn parse(text: &str, want: Option<&Header>, path: &Path) -> Result<BTreeMap<
 /// Loads the traces of `prompts` from `path`, computing (and appending) the ones missing or
 /// made from another text.
 pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Path, progress: &mut dyn FnMut(&str)) -> Result<Vec<Trace>> {
-    let header = Header { model: s.model_path.display().to_string(), max_tokens, top_k: TRACE_TOP_K };
+    let header = Header { model: s.model_path().display().to_string(), max_tokens, top_k: TRACE_TOP_K };
     let have = match std::fs::read_to_string(path) {
         Ok(text) => parse(&text, Some(&header), path)?,
         Err(_) => BTreeMap::new(),
@@ -90,7 +90,7 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
     let mut added = Vec::new();
     for p in prompts {
         let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
-        let prompt = s.tok.encode(&text, true)?;
+        let prompt = s.tok().encode(&text, true)?;
         // A trace of another text under the same id is stale (a later line replaces it).
         if let Some(t) = have.get(&p.id).filter(|t| t.prompt == prompt) {
             out.push(t.clone());
@@ -118,14 +118,14 @@ pub fn traces(s: &mut Session, prompts: &[Prompt], max_tokens: usize, path: &Pat
 fn trace(s: &mut Session, p: &Prompt, prompt: Vec<u32>, max_tokens: usize) -> Result<Trace> {
     s.reset()?;
     s.prefill_with(&prompt, Some((TRACE_TOP_K, 1))).with_context(|| format!("prompt {}", p.id))?;
-    let mut pr = s.predictions.clone();
+    let mut pr = s.predictions().clone();
     pr.truncate_positions(prompt.len() as u32);
     if pr.positions.len() != prompt.len() {
         bail!("prompt {}: predictions at {} of {} positions", p.id, pr.positions.len(), prompt.len());
     }
-    let drafter = s.drafter.take();
+    let drafter = s.take_drafter();
     let g = s.generate(&prompt, &GenerateParams { max_tokens, ..Default::default() }, &mut |_| {});
-    s.drafter = drafter;
+    s.put_drafter(drafter);
     let g = g.with_context(|| format!("prompt {}", p.id))?;
     Ok(Trace { id: p.id.clone(), category: p.category.clone(), prompt, output: g.tokens, top_tokens: pr.tokens, top_probs: pr.probs })
 }
@@ -160,7 +160,7 @@ pub struct ReplayResult {
 /// prices each replayed step's batch.
 pub fn verify_costs(s: &Session) -> CostModel {
     let mut m = CostModel::default();
-    m.add_calibration(&s.costs.iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
+    m.add_calibration(&s.costs().iter().copied().filter(|c| c.rows == c.width).collect::<Vec<_>>());
     m
 }
 

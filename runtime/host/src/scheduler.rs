@@ -7,7 +7,7 @@ use abi_stable::std_types::{RStr, RVec};
 use coordgen_interface::{CostModel, CostSample, SchedulerBox, SchedulerModRef, StepState};
 
 use crate::config::PluginsConfig;
-use crate::plugins::{call, check_info, entry_of_kind, load_err, open_header, options_json, version_msg, LoadedInfo, PResult};
+use crate::plugins::{call, open_named, options_json, start_err, PResult};
 
 /// What the engine asks before a step (native mirror of the interface's `StepState`).
 #[derive(Clone, Debug)]
@@ -133,13 +133,8 @@ pub fn load_scheduler(cfg: &PluginsConfig, name: &str) -> PResult<Box<dyn Schedu
     if name == "fixed" && cfg.entry(name).is_none() {
         return Ok(Box::new(Fixed::new(4, crate::engine::DEFAULT_PREFILL_CHUNK as u32)));
     }
-    let (entry, path) = entry_of_kind(cfg, name, "scheduler", " (and it is not the built-in 'fixed')")?;
-    let header = open_header(entry, &path, "coordgen_scheduler")?;
-    let module = header.init_root_module::<SchedulerModRef>().map_err(|e| load_err(name, version_msg(e)))?;
-    let _info: LoadedInfo = check_info(entry, &path, &(module.info())())?;
-    let obj = (module.create())(RStr::from(options_json(entry).as_str()))
-        .into_result()
-        .map_err(|e| load_err(name, format!("could not start: {e}")))?;
+    let (entry, _, module, _) = open_named::<SchedulerModRef>(cfg, name, " (and it is not the built-in 'fixed')")?;
+    let obj = (module.create())(RStr::from(options_json(entry).as_str())).into_result().map_err(|e| start_err(name, e))?;
     Ok(Box::new(ForeignScheduler { name: entry.name.clone(), obj }))
 }
 

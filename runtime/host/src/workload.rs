@@ -132,7 +132,7 @@ pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques
 
 fn mode(cfg: &PluginsConfig, s: &Session, name: &str, drafter: Option<Box<dyn Drafter>>, sched: &str, techniques: Techniques) -> Result<Mode> {
     let mut sc = load_scheduler(cfg, sched)?;
-    sc.observe_costs(&s.costs)?;
+    sc.observe_costs(&s.costs())?;
     Ok(Mode { name: name.into(), drafter, scheduler: Some(sc), techniques, carried_policy: None })
 }
 
@@ -170,7 +170,7 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
     });
     for p in prompts {
         let text = s.render_chat(&[Message::new("user", &p.prompt)], true)?;
-        let tokens = s.tok.encode(&text, true)?;
+        let tokens = s.tok().encode(&text, true)?;
         // Prefill timed once per variant (plain; with calibrated predictions if a mode uses
         // them), then every mode decodes from the same cached prompt, and calibrated modes
         // get the predictions kept with it.
@@ -195,8 +195,8 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
         for (k, &mi) in order.iter().enumerate() {
             let m = &mut modes[mi];
             s.set_drafter(m.drafter.take()).with_context(|| format!("mode {}", m.name))?;
-            s.scheduler = m.scheduler.take();
-            s.carried_policy = m.carried_policy.take();
+            s.replace_scheduler(m.scheduler.take());
+            s.set_carried_policy(m.carried_policy.take());
             let params = GenerateParams { max_tokens, techniques: m.techniques.clone(), ..Default::default() };
             let cpu0 = cpu_seconds();
             // A drafter's own pass over the prompt (the draft model's prefill) runs beside the
@@ -204,7 +204,7 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
             // prompt, so run it before the decode clock starts and count it with the prefill
             // (and the CPU time). `generate` begins again, which for every drafter here is
             // cheap once the prompt is known (the draft model keeps its cached prefix).
-            let begin_ms = match s.drafter.as_mut() {
+            let begin_ms = match s.drafter_mut() {
                 Some(d) => {
                     let t = std::time::Instant::now();
                     // An error here shows up again in `generate`, which reports it.
@@ -215,9 +215,9 @@ pub fn run(s: &mut Session, prompts: &[Prompt], modes: &mut [Mode], max_tokens: 
             };
             let g = s.generate(&tokens, &params, &mut |_| {});
             let cpu = cpu_seconds() - cpu0;
-            m.drafter = s.drafter.take();
-            m.scheduler = s.scheduler.take();
-            m.carried_policy = s.carried_policy.take();
+            m.drafter = s.take_drafter();
+            m.scheduler = s.replace_scheduler(None);
+            m.carried_policy = s.take_carried_policy();
             let pf = begin_ms + if m.techniques.calibration && m.drafter.is_some() { prefill_cal_ms } else { prefill_ms };
             let g = g.with_context(|| format!("prompt {} in mode {}", p.id, m.name))?;
             let tps = g.timings.decode_tps();

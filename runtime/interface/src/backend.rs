@@ -6,9 +6,11 @@
 //! - **GPU**: weights and KV cache resident in device memory; only token ids, positions,
 //!   the mask and the requested logit rows cross per call, so nothing large moves.
 //! - **NPU**: precompiled static-shape graphs of a few fixed token widths. Such a backend
-//!   lists them in [`BackendCaps::widths`]; the host then only sends batches whose width
-//!   is in that list (padding with masked rows it ignores), and [`BackendCaps::width_switch_cost_us`]
-//!   tells a scheduler what changing between graphs costs.
+//!   is to list them in [`BackendCaps::widths`] and what changing between graphs costs in
+//!   [`BackendCaps::width_switch_cost_us`]. The host does not read either field yet: it
+//!   sends any width up to `max_width`, so until the placement work makes it pad batches
+//!   to a listed width, a fixed-width backend must pad inside the plugin (no backend in
+//!   this repository has fixed widths).
 //!
 //! KV cache model: a *slot* is one sequence's cache with a fill count `len`. A forward
 //! appends its `W` tokens at cache entries `len..len+W` (whatever their positions are) and

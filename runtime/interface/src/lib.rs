@@ -14,6 +14,7 @@
 #![allow(non_local_definitions)]
 
 pub mod backend;
+pub mod backend_kit;
 pub mod checks;
 pub mod cost_model;
 pub mod drafter;
@@ -22,6 +23,7 @@ pub mod scheduler;
 
 pub use abi_stable;
 pub use backend::*;
+pub use backend_kit::{BackendImpl, GuardedBackend};
 pub use cost_model::CostModel;
 pub use drafter::*;
 pub use drafter_kit::*;

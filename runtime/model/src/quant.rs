@@ -74,6 +74,28 @@ pub struct BlockQ6K {
     pub d: f16,
 }
 
+/// Size of the field `f` points at (for [`field!`]: the field's byte length).
+const fn field_size<T, F>(_f: fn(&T) -> &F) -> usize {
+    std::mem::size_of::<F>()
+}
+
+/// The bytes of field `$f` of block struct `$B` within one block's bytes `$b`: the offsets
+/// the dequantizers and quantizers read and write come from the `repr(C)` structs above.
+macro_rules! field {
+    ($b:expr, $B:ty, $f:ident) => {{
+        const START: usize = std::mem::offset_of!($B, $f);
+        const END: usize = START + field_size(|x: &$B| &x.$f);
+        &$b[START..END]
+    }};
+}
+
+/// The f16 field `$f` of block struct `$B` in block bytes `$b`, as f32.
+macro_rules! f16_field {
+    ($b:expr, $B:ty, $f:ident) => {
+        f16_at($b, std::mem::offset_of!($B, $f))
+    };
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
@@ -157,14 +179,14 @@ impl GgmlType {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q5_0 => 22,
-            Self::Q5_1 => 24,
-            Self::Q8_0 => 34,
-            Self::Q4K => 144,
-            Self::Q5K => 176,
-            Self::Q6K => 210,
+            Self::Q4_0 => std::mem::size_of::<BlockQ4_0>(),
+            Self::Q4_1 => std::mem::size_of::<BlockQ4_1>(),
+            Self::Q5_0 => std::mem::size_of::<BlockQ5_0>(),
+            Self::Q5_1 => std::mem::size_of::<BlockQ5_1>(),
+            Self::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
+            Self::Q4K => std::mem::size_of::<BlockQ4K>(),
+            Self::Q5K => std::mem::size_of::<BlockQ5K>(),
+            Self::Q6K => std::mem::size_of::<BlockQ6K>(),
         }
     }
     /// Bytes taken by a row of `n` elements (`n` a multiple of the block size).
@@ -206,26 +228,27 @@ pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
         GgmlType::F16 => y[0] = f16_at(b, 0),
         GgmlType::BF16 => y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         GgmlType::Q4_0 => {
-            let d = f16_at(b, 0);
-            let qs = &b[2..18];
+            let d = f16_field!(b, BlockQ4_0, d);
+            let qs = field!(b, BlockQ4_0, qs);
             for j in 0..16 {
                 y[j] = ((qs[j] & 0xF) as i32 - 8) as f32 * d;
                 y[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
             }
         }
         GgmlType::Q4_1 => {
-            let d = f16_at(b, 0);
-            let m = f16_at(b, 2);
-            let qs = &b[4..20];
+            let d = f16_field!(b, BlockQ4_1, d);
+            let m = f16_field!(b, BlockQ4_1, m);
+            let qs = field!(b, BlockQ4_1, qs);
             for j in 0..16 {
                 y[j] = (qs[j] & 0xF) as f32 * d + m;
                 y[j + 16] = (qs[j] >> 4) as f32 * d + m;
             }
         }
         GgmlType::Q5_0 => {
-            let d = f16_at(b, 0);
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            let qs = &b[6..22];
+            let d = f16_field!(b, BlockQ5_0, d);
+            let h = field!(b, BlockQ5_0, qh);
+            let qh = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+            let qs = field!(b, BlockQ5_0, qs);
             for j in 0..16 {
                 let h0 = ((qh >> j) << 4) & 0x10;
                 let h1 = (qh >> (j + 12)) & 0x10;
@@ -234,10 +257,11 @@ pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q5_1 => {
-            let d = f16_at(b, 0);
-            let m = f16_at(b, 2);
-            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-            let qs = &b[8..24];
+            let d = f16_field!(b, BlockQ5_1, d);
+            let m = f16_field!(b, BlockQ5_1, m);
+            let h = field!(b, BlockQ5_1, qh);
+            let qh = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+            let qs = field!(b, BlockQ5_1, qs);
             for j in 0..16 {
                 let h0 = ((qh >> j) << 4) & 0x10;
                 let h1 = (qh >> (j + 12)) & 0x10;
@@ -246,16 +270,17 @@ pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q8_0 => {
-            let d = f16_at(b, 0);
+            let d = f16_field!(b, BlockQ8_0, d);
+            let qs = field!(b, BlockQ8_0, qs);
             for j in 0..32 {
-                y[j] = (b[2 + j] as i8) as f32 * d;
+                y[j] = (qs[j] as i8) as f32 * d;
             }
         }
         GgmlType::Q4K => {
-            let d = f16_at(b, 0);
-            let dmin = f16_at(b, 2);
-            let scales = &b[4..16];
-            let qs = &b[16..144];
+            let d = f16_field!(b, BlockQ4K, d);
+            let dmin = f16_field!(b, BlockQ4K, dmin);
+            let scales = field!(b, BlockQ4K, scales);
+            let qs = field!(b, BlockQ4K, qs);
             for c in 0..4 {
                 let (s1, m1) = k_scale_min(2 * c, scales);
                 let (s2, m2) = k_scale_min(2 * c + 1, scales);
@@ -269,11 +294,11 @@ pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q5K => {
-            let d = f16_at(b, 0);
-            let dmin = f16_at(b, 2);
-            let scales = &b[4..16];
-            let qh = &b[16..48];
-            let qs = &b[48..176];
+            let d = f16_field!(b, BlockQ5K, d);
+            let dmin = f16_field!(b, BlockQ5K, dmin);
+            let scales = field!(b, BlockQ5K, scales);
+            let qh = field!(b, BlockQ5K, qh);
+            let qs = field!(b, BlockQ5K, qs);
             for c in 0..4 {
                 let (s1, m1) = k_scale_min(2 * c, scales);
                 let (s2, m2) = k_scale_min(2 * c + 1, scales);
@@ -291,10 +316,10 @@ pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
             }
         }
         GgmlType::Q6K => {
-            let ql = &b[0..128];
-            let qh = &b[128..192];
-            let sc = &b[192..208];
-            let d = f16_at(b, 208);
+            let ql = field!(b, BlockQ6K, ql);
+            let qh = field!(b, BlockQ6K, qh);
+            let sc = field!(b, BlockQ6K, scales);
+            let d = f16_field!(b, BlockQ6K, d);
             for n in 0..2 {
                 let (ql, qh, sc) = (&ql[n * 64..], &qh[n * 32..], &sc[n * 8..]);
                 let y = &mut y[n * 128..];

@@ -74,7 +74,7 @@ fn unix_now() -> u64 {
 impl Served {
     pub fn new(opts: Options, sessions: Vec<Session>, batcher: Batcher, drafter_factory: Option<DrafterFactory>) -> Result<Served> {
         let first = sessions.first().context("the server needs at least one slot")?;
-        let (tok, n_ctx, n_vocab) = (first.tok.clone(), first.n_ctx, first.model.n_vocab);
+        let (tok, n_ctx, n_vocab) = (first.tok().clone(), first.n_ctx(), first.model().n_vocab);
         let pool = slots::Pool::new(sessions, opts.queue);
         Ok(Served {
             opts,
@@ -127,7 +127,7 @@ impl Served {
     /// Gives a slot whose drafter was lost a new one (the request goes on without one if
     /// that fails too).
     fn ensure_drafter(&self, s: &mut Session) {
-        if let (None, Some(make)) = (&s.drafter, &self.drafter_factory) {
+        if let (false, Some(make)) = (s.has_drafter(), &self.drafter_factory) {
             match make().and_then(|d| s.set_drafter(Some(d))) {
                 Ok(()) => tracing::info!("a slot's drafter was restarted"),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot restart a slot's drafter"),

@@ -62,6 +62,88 @@ pub fn subtree(d: &Draft, token: u32) -> Option<Draft> {
     (!out.tokens.is_empty()).then_some(out)
 }
 
+/// A draft for the coming step, drafted during the last verification: it continues the
+/// cache's first `base` tokens and the pending token `pending`; `wait_ms` is how long the
+/// host waited for it after verifying.
+pub struct Early {
+    pub base: usize,
+    pub pending: u32,
+    pub draft: Draft,
+    /// Depth of the draft as the drafter made it (for the drafting-cost statistics).
+    pub levels: u32,
+    pub wait_ms: f64,
+}
+
+/// One request's overlap state: whether it is on, the threads lent to the drafter, the
+/// early draft waiting for the next step, and the drafter's measured speed ahead.
+pub struct Overlap {
+    /// Overlapped drafting is on for this request (the technique is, and a drafter is there).
+    pub on: bool,
+    /// Threads the target lends the drafter while it drafts ahead (0 = none).
+    pub lent: u32,
+    target_threads: u32,
+    threads_now: u32,
+    early: Option<Early>,
+    /// The drafter's time per level of the drafts it makes during verification (ms).
+    ms_per_level: f64,
+}
+
+impl Overlap {
+    /// `own_threads`: what the drafter's own model runs on; lent only when the target has
+    /// more than that.
+    pub fn new(on: bool, own_threads: u32, target_threads: u32) -> Overlap {
+        let lent = if on && own_threads > 0 && target_threads > own_threads { own_threads } else { 0 };
+        Overlap { on, lent, target_threads, threads_now: target_threads, early: None, ms_per_level: 0.0 }
+    }
+
+    /// The early draft, if it continues exactly the `base` cached tokens and `pending`
+    /// (it is dropped otherwise).
+    pub fn prepared(&mut self, base: usize, pending: u32) -> Option<Early> {
+        self.early.take().filter(|e| e.base == base && e.pending == pending)
+    }
+
+    /// Depth to draft ahead for a step of `step_depth`: one level more (its first level is
+    /// matched against the target's next token), at most one level beyond what the drafter
+    /// finishes within one verification, since an early draft that turns out unusable is
+    /// still waited for before the next proposal.
+    pub fn ahead_depth(&self, step_depth: u32, last_verify_ms: Option<f64>) -> u32 {
+        let fits = match last_verify_ms {
+            Some(v) if self.ms_per_level > 0.0 => (v / self.ms_per_level) as u32,
+            _ => u32::MAX,
+        };
+        (step_depth.max(1) + 1).min(fits.saturating_add(1).max(2))
+    }
+
+    /// The target's thread count while the drafter is (or is not) drafting ahead, when that
+    /// differs from what it has now.
+    pub fn threads_to_set(&self, drafting_ahead: bool) -> Option<u32> {
+        if self.lent == 0 {
+            return None;
+        }
+        let want = if drafting_ahead { self.target_threads - self.lent } else { self.target_threads };
+        (want != self.threads_now).then_some(want)
+    }
+
+    pub fn threads_set(&mut self, n: u32) {
+        self.threads_now = n;
+    }
+
+    /// The target's own thread count, if it does not have it now (at the end of a request).
+    pub fn threads_to_restore(&self) -> Option<u32> {
+        (self.threads_now != self.target_threads).then_some(self.target_threads)
+    }
+
+    /// Keeps the early draft `d` (made in `ms` over `levels` levels, waited for `wait_ms`)
+    /// for the next step, which continues the first `base` cached tokens with `next`.
+    pub fn took(&mut self, d: &Draft, ms: f64, levels: u32, wait_ms: f64, base: usize, next: u32) {
+        self.ms_per_level = match self.ms_per_level {
+            x if x > 0.0 => 0.8 * x + 0.2 * ms / levels as f64,
+            _ => ms / levels as f64,
+        };
+        self.early = subtree(d, next).map(|draft| Early { base, pending: next, draft, levels, wait_ms });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,13 +2,15 @@
 //! output, text that could still grow into a stop string (or is an incomplete UTF-8
 //! character) is held back until it cannot.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 
 use crate::tokenizer::Tok;
 
-pub struct Emitter<'a> {
-    tok: &'a Tok,
-    stop: &'a [String],
+pub struct Emitter {
+    tok: Arc<Tok>,
+    stop: Vec<String>,
     stop_at_eos: bool,
     max_tokens: usize,
     max_stop: usize,
@@ -18,11 +20,11 @@ pub struct Emitter<'a> {
     pub finish: Option<&'static str>,
 }
 
-impl<'a> Emitter<'a> {
-    pub fn new(tok: &'a Tok, stop: &'a [String], stop_at_eos: bool, max_tokens: usize) -> Self {
+impl Emitter {
+    pub fn new(tok: Arc<Tok>, stop: &[String], stop_at_eos: bool, max_tokens: usize) -> Self {
         let max_stop = stop.iter().map(|s| s.len()).max().unwrap_or(0);
         let finish = (max_tokens == 0).then_some("length");
-        Emitter { tok, stop, stop_at_eos, max_tokens, max_stop, tokens: Vec::new(), text: String::new(), emitted: 0, finish }
+        Emitter { tok, stop: stop.to_vec(), stop_at_eos, max_tokens, max_stop, tokens: Vec::new(), text: String::new(), emitted: 0, finish }
     }
 
     /// Adds one token; returns false (and sets `finish`) when the output is complete.

@@ -3,15 +3,18 @@
 //! acceptance, `policy` keeps the acceptance statistics the scheduler sizes each step's draft
 //! from, `reuse` keeps the agreeing tail of rejected drafts, `stage` runs drafters on their own thread,
 //! `ahead` overlaps drafting the next step with verifying this one, `emit` streams accepted
-//! text, `run` is the generation loop.
+//! text, `decoder` is one request's decode loop (plan / verify / accept / feedback), `run`
+//! drives it from [`crate::session::Session::generate`], `stats` keeps its figures.
 
 pub mod ahead;
+mod decoder;
 pub mod emit;
 pub mod policy;
 pub mod reuse;
 pub mod run;
 pub mod stage;
+pub mod stats;
 pub mod tree;
 
-pub use run::SpecStats;
+pub use stats::{summary, SpecStats};
 pub use stage::Chain;
