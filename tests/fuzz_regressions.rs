@@ -113,7 +113,7 @@ fn write_fuzz_seeds() {
         "small.toml",
         b"target_backend = \"cpu\"\ndefault_drafter = \"ngram\"\n\n[[plugin]]\nname = \"cpu\"\nkind = \"backend\"\nlibrary = \"libx.so\"\n[plugin.options]\nthreads = 2\n",
     );
-    let shared = repo_path("../shared/eval/public.jsonl");
+    let shared = repo_path("eval/public.jsonl");
     let mut wl = String::new();
     if let Ok(text) = std::fs::read_to_string(&shared) {
         for line in text.lines().take(3) {
