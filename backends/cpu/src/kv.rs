@@ -225,12 +225,7 @@ impl Slot {
 
     /// Copies the first `len` entries of `src` (same model and KV type) into this slot.
     pub fn copy_prefix_from(&mut self, src: &Slot, len: usize) -> Result<(), String> {
-        if src.model != self.model {
-            return Err("copy_prefix: slots belong to different models".to_string());
-        }
-        if len > src.len || len > self.n_ctx {
-            return Err(format!("copy_prefix: {len} entries do not fit (source has {}, destination holds {})", src.len, self.n_ctx));
-        }
+        coordgen_interface::checks::check_copy_prefix(src.model, self.model, len, src.len, self.n_ctx)?;
         for (d, s) in self.k.iter_mut().zip(&src.k).chain(self.v.iter_mut().zip(&src.v)) {
             d.copy_prefix_from(s, len * self.kv_dim)?;
         }

@@ -160,13 +160,8 @@ impl BackendImpl for VulkanBackend {
         let s = self.slots.remove(&src).ok_or_else(|| format!("no KV slot {src}"))?;
         let r = (|| {
             let d = self.slots.get_mut(&dst).ok_or_else(|| format!("no KV slot {dst}"))?;
-            if s.model != d.model {
-                return Err("copy_prefix: slots belong to different models".to_string());
-            }
             let len = len as usize;
-            if len > s.len || len > d.n_ctx {
-                return Err(format!("copy_prefix: {len} entries do not fit (source has {}, destination holds {})", s.len, d.n_ctx));
-            }
+            coordgen_interface::checks::check_copy_prefix(s.model, d.model, len, s.len, d.n_ctx)?;
             let kv = self.models[&s.model].kv_dim();
             forward::copy_prefix(&self.ctx, &s, d, kv, len)
         })();

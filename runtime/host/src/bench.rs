@@ -38,9 +38,8 @@ fn filler(n: usize, n_vocab: usize, seed: usize) -> Vec<u32> {
 pub fn widths(s: &mut Session, widths: &[usize], context: usize, reps: usize) -> Result<Vec<WidthResult>> {
     let ctx_tokens = filler(context, s.model().n_vocab, 1);
     s.reset()?;
-    let pos: Vec<u32> = (0..context as u32).collect();
-    for (c, p) in ctx_tokens.chunks(s.prefill_chunk()).zip(pos.chunks(s.prefill_chunk())) {
-        s.forward(c, p, &[], &[])?;
+    for c in ctx_tokens.chunks(s.prefill_chunk()) {
+        s.append(c, &[])?;
     }
     let mut out = Vec::new();
     for &w in widths {

@@ -127,8 +127,7 @@ pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
             let start = s.cached().len() as u32;
             let n = (ctx - start).min(128).min(max_w);
             let toks: Vec<u32> = (start..start + n).map(tok).collect();
-            let pos: Vec<u32> = (start..start + n).collect();
-            s.forward(&toks, &pos, &[], &[])?;
+            s.append(&toks, &[])?;
         }
         let mut widths: Vec<(u32, u32)> = VERIFY_WIDTHS.iter().map(|&w| (w, w)).collect();
         if ci == 0 {
@@ -139,9 +138,8 @@ pub fn measure(s: &mut Session) -> Result<Vec<CostSample>> {
             // the mapped weights, caches, clock ramp-up) and would bend the model.
             for &w in VERIFY_WIDTHS.iter().filter(|&&w| w <= max_w && ctx + w < room) {
                 let toks: Vec<u32> = (ctx..ctx + w).map(tok).collect();
-                let pos: Vec<u32> = (ctx..ctx + w).collect();
                 let rows: Vec<u32> = (0..w).collect();
-                s.forward(&toks, &pos, &[], &rows)?;
+                s.append(&toks, &rows)?;
                 s.truncate(ctx as usize)?;
             }
         }

@@ -3,11 +3,11 @@
 //! schedule (a constant draft depth and prefill chunk: the baseline the ablation compares
 //! against). FFI types stay in this module and the interface crate.
 
-use abi_stable::std_types::{RStr, RVec};
+use abi_stable::std_types::RVec;
 use coordgen_interface::{CostModel, CostSample, SchedulerBox, SchedulerModRef, StepState};
 
 use crate::config::PluginsConfig;
-use crate::plugins::{call, open_named, options_json, start_err, PResult};
+use crate::plugins::{call, open_named, options_json, start, PResult};
 
 /// What the engine asks before a step (native mirror of the interface's `StepState`).
 #[derive(Clone, Debug)]
@@ -134,7 +134,7 @@ pub fn load_scheduler(cfg: &PluginsConfig, name: &str) -> PResult<Box<dyn Schedu
         return Ok(Box::new(Fixed::new(4, crate::engine::DEFAULT_PREFILL_CHUNK as u32)));
     }
     let (entry, _, module, _) = open_named::<SchedulerModRef>(cfg, name, " (and it is not the built-in 'fixed')")?;
-    let obj = (module.create())(RStr::from(options_json(entry).as_str())).into_result().map_err(|e| start_err(name, e))?;
+    let obj = start(&module, name, &options_json(entry))?;
     Ok(Box::new(ForeignScheduler { name: entry.name.clone(), obj }))
 }
 

@@ -288,10 +288,6 @@ impl Session {
     pub(crate) fn put_drafter(&mut self, d: Option<Box<dyn Drafter>>) {
         self.drafter = d;
     }
-    /// Takes the scheduler out (generation uses the built-in fixed one without it).
-    pub(crate) fn take_scheduler(&mut self) -> Option<Box<dyn Scheduler>> {
-        self.scheduler.take()
-    }
 
     /// The acceptance statistics carried from the last request (see [`Policy::carried`]).
     pub fn take_carried_policy(&mut self) -> Option<(String, Policy)> {

@@ -132,7 +132,7 @@ pub fn load_modes(cfg: &PluginsConfig, names: &[String], s: &Session, techniques
 
 fn mode(cfg: &PluginsConfig, s: &Session, name: &str, drafter: Option<Box<dyn Drafter>>, sched: &str, techniques: Techniques) -> Result<Mode> {
     let mut sc = load_scheduler(cfg, sched)?;
-    sc.observe_costs(&s.costs())?;
+    sc.observe_costs(s.costs())?;
     Ok(Mode { name: name.into(), drafter, scheduler: Some(sc), techniques, carried_policy: None })
 }
 

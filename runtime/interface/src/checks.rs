@@ -47,6 +47,18 @@ pub fn check_keep(len: usize, start: usize, keep: &[u32]) -> Result<(), String> 
     Ok(())
 }
 
+/// Checks a `copy_prefix` of `len` entries from a slot of model `src_model` holding
+/// `src_len` entries into one of model `dst_model` that holds at most `dst_n_ctx`.
+pub fn check_copy_prefix(src_model: u64, dst_model: u64, len: usize, src_len: usize, dst_n_ctx: usize) -> Result<(), String> {
+    if src_model != dst_model {
+        return Err("copy_prefix: slots belong to different models".to_string());
+    }
+    if len > src_len || len > dst_n_ctx {
+        return Err(format!("copy_prefix: {len} entries do not fit (source has {src_len}, destination holds {dst_n_ctx})"));
+    }
+    Ok(())
+}
+
 /// Memory the system can hand out now (`MemAvailable`), in bytes; None where unknown.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibHeader, RootModule};
-use abi_stable::std_types::RStr;
-use coordgen_interface::{BackendModRef, DrafterModRef, PluginInfo, SchedulerModRef, INTERFACE_VERSION};
+use abi_stable::std_types::{RResult, RStr, RString};
+use coordgen_interface::{BackendBox, BackendModRef, DrafterBox, DrafterModRef, PluginInfo, SchedulerBox, SchedulerModRef, INTERFACE_VERSION};
 
 use super::foreign::{call, caps_of, ForeignBackend, ForeignDrafter};
 use super::options::drafter_options;
@@ -89,31 +89,47 @@ pub fn file_stamp(path: &Path) -> (u64, u64) {
         .unwrap_or((0, 0))
 }
 
-/// A plugin kind's root module: what [`open`] needs to check a library of that kind.
+/// A plugin kind's root module: what [`open`] needs to check a library of that kind, and
+/// what [`start`] needs to create its object.
 pub(crate) trait PluginModule: RootModule {
     /// The kind `plugins.toml` declares for it.
     const PLUGIN_KIND: &'static str;
+    /// The plugin object its `create` returns.
+    type Object;
     fn plugin_info(&self) -> PluginInfo;
+    fn create_object(&self, options_json: &str) -> RResult<Self::Object, RString>;
 }
 
 impl PluginModule for BackendModRef {
     const PLUGIN_KIND: &'static str = "backend";
+    type Object = BackendBox;
     fn plugin_info(&self) -> PluginInfo {
         (self.info())()
+    }
+    fn create_object(&self, options_json: &str) -> RResult<BackendBox, RString> {
+        (self.create())(RStr::from(options_json))
     }
 }
 
 impl PluginModule for DrafterModRef {
     const PLUGIN_KIND: &'static str = "drafter";
+    type Object = DrafterBox;
     fn plugin_info(&self) -> PluginInfo {
         (self.info())()
+    }
+    fn create_object(&self, options_json: &str) -> RResult<DrafterBox, RString> {
+        (self.create())(RStr::from(options_json))
     }
 }
 
 impl PluginModule for SchedulerModRef {
     const PLUGIN_KIND: &'static str = "scheduler";
+    type Object = SchedulerBox;
     fn plugin_info(&self) -> PluginInfo {
         (self.info())()
+    }
+    fn create_object(&self, options_json: &str) -> RResult<SchedulerBox, RString> {
+        (self.create())(RStr::from(options_json))
     }
 }
 
@@ -134,18 +150,17 @@ pub(crate) fn open_named<'a, M: PluginModule>(cfg: &'a PluginsConfig, name: &str
     Ok((entry, path, module, info))
 }
 
-/// A plugin's `create` failed: the error names it.
-pub(crate) fn start_err(name: &str, e: impl std::fmt::Display) -> PluginError {
-    load_err(name, format!("could not start: {e}"))
+/// Creates the plugin object of `module` (the plugin named `name`) with its options; a
+/// failure is a load error that names it.
+pub(crate) fn start<M: PluginModule>(module: &M, name: &str, options_json: &str) -> PResult<M::Object> {
+    module.create_object(options_json).into_result().map_err(|e| load_err(name, format!("could not start: {e}")))
 }
 
 /// Loads a backend plugin named in the config.
 pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend>, LoadedInfo)> {
     let (entry, path, module, info) = open_named::<BackendModRef>(cfg, name, "")?;
     let options = options_json(entry);
-    let obj = (module.create())(RStr::from(options.as_str()))
-        .into_result()
-        .map_err(|e| start_err(name, e))?;
+    let obj = start(&module, name, &options)?;
     let (size, mtime) = file_stamp(&path);
     let identity = format!("{}:{}:{size}:{mtime}:{options}", entry.name, path.display());
     let caps = call(&entry.name, obj.capabilities()).map_err(|e| load_err(name, format!("could not report its capabilities: {e}")))?;
@@ -157,9 +172,7 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
 pub fn load_drafter(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Drafter>, LoadedInfo)> {
     let (entry, _, module, info) = open_named::<DrafterModRef>(cfg, name, "")?;
     let (options, own_threads) = drafter_options(cfg, entry)?;
-    let obj = (module.create())(RStr::from(options.as_str()))
-        .into_result()
-        .map_err(|e| start_err(name, e))?;
+    let obj = start(&module, name, &options)?;
     let vocab = call(&entry.name, obj.vocabulary()).map_err(|e| load_err(name, format!("could not name its vocabulary: {e}")))?.into_string();
     let vocabulary = (!vocab.is_empty()).then(|| PathBuf::from(vocab));
     let calibration_top_k = call(&entry.name, obj.calibration_top_k()).map_err(|e| load_err(name, format!("could not say what calibration it wants: {e}")))?;

@@ -9,6 +9,6 @@ mod options;
 mod traits;
 
 pub(crate) use foreign::call;
-pub(crate) use loader::{open_named, options_json, start_err};
+pub(crate) use loader::{open_named, options_json, start};
 pub use loader::{describe_all, file_stamp, load_backend, load_drafter, load_drafters, LoadedInfo};
 pub use traits::*;

@@ -82,7 +82,7 @@ impl Pool {
         let best = (0..idle.len())
             .max_by_key(|&i| {
                 let (used, s) = &idle[i];
-                let common = s.cached().iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                let common = s.common_prefix(prompt);
                 (common, std::cmp::Reverse(*used))
             })
             .expect("a permit implies an idle slot");

@@ -67,8 +67,6 @@ pub(super) struct Decoder<'a> {
     last_verify_ms: Option<f64>,
     /// The drafter, once its stage was stopped (after a failure or at the end).
     returned: Option<Box<dyn Drafter>>,
-    /// What the session carried from its last request, given back if the prefill fails.
-    carried_from: Option<(String, Policy)>,
     /// Top predictions per prompt position the drafter wants (0 = none, or calibration off).
     top_k: usize,
     n_vocab: usize,
@@ -88,27 +86,17 @@ impl<'a> Decoder<'a> {
         };
         let limit = p.draft_timeout.unwrap_or_else(super::stage::proposal_limit);
         let stage = drafter.map(|d| DraftStage::start(d, prompt, limit));
-        let stats = SpecStats {
-            drafter: stage.as_ref().map(|s| s.name().to_string()).unwrap_or_default(),
-            scheduler: sched.name().to_string(),
-            prefill_chunk: s.prefill_chunk(),
-            ..Default::default()
-        };
-        // Acceptance per draft confidence starts from what the session's last request with
-        // this drafter ended with, at a weight the new prompt's evidence soon outweighs; the
-        // all-drafts mixture and the drafting cost start afresh (see `Policy::carried`); the
-        // scheduler's cost model carries over in full.
-        let carried_from = s.take_carried_policy();
-        let policy = match &carried_from {
-            Some((name, pol)) if *name == stats.drafter && pol.max_depth() == p.max_draft_depth.max(1) => pol.carried(),
-            _ => Policy::new(p.max_draft_depth),
-        };
         // Overlapped drafting: a drafter running a model of its own takes its threads from
         // the target's while it drafts during a verification (the rest of the time, plain
         // steps included, the target has them all).
         let overlap = Overlap::new(p.techniques.overlap && stage.is_some(), own_threads, s.backend().capabilities().threads);
-        let mut stats = stats;
-        stats.overlap_threads = overlap.lent;
+        let stats = SpecStats {
+            drafter: stage.as_ref().map(|s| s.name().to_string()).unwrap_or_default(),
+            scheduler: sched.name().to_string(),
+            prefill_chunk: s.prefill_chunk(),
+            overlap_threads: overlap.lent,
+            ..Default::default()
+        };
         Decoder {
             n_vocab: s.model().n_vocab,
             em: Emitter::new(s.shared_tok(), &p.stop, p.stop_at_eos, p.max_tokens),
@@ -117,13 +105,13 @@ impl<'a> Decoder<'a> {
             sched,
             stage,
             stats,
-            policy,
+            // Replaced by the carried statistics once the prefill succeeds (see `prefill`).
+            policy: Policy::new(p.max_draft_depth),
             reuse: Reuse::default(),
             sampler: Sampler::new(p.sampling.clone()),
             overlap,
             last_verify_ms: None,
             returned: None,
-            carried_from,
             top_k,
             max_width: p.max_draft_width.max(2),
         }
@@ -133,13 +121,22 @@ impl<'a> Decoder<'a> {
     /// asks for them (context-aligned drafting) and handing them over; returns the logits
     /// after the prompt and the number of tokens computed.
     pub fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
-        let top_k = if self.stage.is_some() { self.top_k } else { 0 };
+        let top_k = self.top_k;
         let stride = self.p.techniques.stride(self.s);
         let out = {
             let _s = tracing::info_span!("prefill", chunk = self.s.prefill_chunk(), calibration_top_k = top_k).entered();
             self.s.prefill_with(prompt, (top_k > 0).then_some((top_k, stride)))?
         };
-        self.carried_from = None;
+        // Acceptance per draft confidence starts from what the session's last request with
+        // this drafter ended with, at a weight the new prompt's evidence soon outweighs; the
+        // all-drafts mixture and the drafting cost start afresh (see `Policy::carried`); the
+        // scheduler's cost model carries over in full. Taken only now, so a failed prefill
+        // leaves the session's statistics where they were.
+        if let Some((name, pol)) = self.s.take_carried_policy() {
+            if name == self.stats.drafter && pol.max_depth() == self.p.max_draft_depth.max(1) {
+                self.policy = pol.carried();
+            }
+        }
         if top_k > 0 {
             if let Some(st) = self.stage.as_mut() {
                 let mut pr = self.s.predictions().clone();
@@ -440,9 +437,6 @@ impl<'a> Decoder<'a> {
     /// Ends a request whose prefill failed: only the drafter's stage is stopped.
     pub fn abandon(mut self, e: anyhow::Error) -> (Option<Box<dyn Drafter>>, Box<dyn Scheduler>, Result<Generation>) {
         let d = self.stage.take().and_then(|s| s.stop().0);
-        if self.carried_from.is_some() {
-            self.s.set_carried_policy(self.carried_from.take());
-        }
         (d, self.sched, Err(e))
     }
 }

@@ -20,7 +20,7 @@ impl Session {
     /// each new piece of text as soon as its tokens are accepted.
     pub fn generate(&mut self, prompt: &[u32], p: &GenerateParams, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
         let drafter = self.take_drafter();
-        let sched = self.take_scheduler().unwrap_or_else(|| Box::new(Fixed::new(4, DEFAULT_PREFILL_CHUNK as u32)));
+        let sched = self.replace_scheduler(None).unwrap_or_else(|| Box::new(Fixed::new(4, DEFAULT_PREFILL_CHUNK as u32)));
         let (back, sched, r) = self.run(prompt, p, drafter, sched, on_text);
         if r.is_err() {
             // A failed forward may have left the slot holding more (or other) than the
