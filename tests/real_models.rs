@@ -9,7 +9,11 @@ use coordgen::chat::Message;
 use coordgen::engine::Session;
 use coordgen_tests::*;
 
-const MODELS: [(&str, &str); 2] = [("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), ("qwen-0.5b", "qwen2.5-coder-0.5b-instruct.gguf")];
+const MODELS: [(&str, &str); 3] = [
+    ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    ("qwen-0.5b", "qwen2.5-coder-0.5b-instruct.gguf"),
+    ("gemma3-270m", "gemma-3-270m-q4_k_m.gguf"),
+];
 
 
 #[test]
@@ -38,7 +42,9 @@ fn tokenizer_and_chat_template_match_reference() {
 /// 15-bit activations keep the float reference's results (perplexity within 1%, top-1
 /// within 1%); 8-bit ones (the default, llama.cpp's precision) stay within 1% of its
 /// perplexity and agree on at least 95% of the top-1 predictions, with an f32 or an f16
-/// KV cache.
+/// KV cache. Gemma 3 270M is the exception for the f16 cache: its one KV head of 256
+/// dimensions gives attention scores in the hundreds, where f16 keys' rounding moves the
+/// perplexity by about +1.5% (measured; f32, the CPU default, stays within 0.02%).
 #[test]
 fn perplexity_and_top1_agreement_match_reference() {
     for (bits, kv, min_agreement) in [(15, "f32", 0.99), (8, "f32", 0.95), (8, "f16", 0.95)] {
@@ -51,9 +57,19 @@ fn perplexity_against_reference(bits: u32, kv: &str, min_agreement: f64) {
         let backend = cpu_backend_with(2, &format!("activation_bits = {bits}\nkv_type = \"{kv}\""));
         let r = perplexity_vs_fixture(backend, name, file, None);
         eprintln!("{name}, {bits}-bit activations, {kv} KV: {r}");
-        assert!(r.rel < 0.01, "{name}, {bits}-bit, {kv} KV: {r}");
+        let tol = if name.starts_with("gemma3") && kv == "f16" { 0.02 } else { 0.01 };
+        assert!(r.rel < tol, "{name}, {bits}-bit, {kv} KV: {r}");
         assert!(r.agreement >= min_agreement, "{name}, {bits}-bit, {kv} KV: {r}");
     }
+}
+
+/// Gemma 3 over 1024-token windows, twice its sliding window of 512: the windowed layers
+/// must hide the keys beyond it, through the prefill's chunks, as transformers does.
+#[test]
+fn gemma3_long_window_matches_reference() {
+    let r = perplexity_vs_fixture(cpu_backend(2), "gemma3-270m-ctx1024", MODELS[2].1, None);
+    eprintln!("gemma3-270m over 1024 tokens: {r}");
+    assert!(r.rel < 0.01 && r.agreement >= 0.95, "{r}");
 }
 
 /// The logits of a position are bit-identical whether computed alone, inside chunks of

@@ -211,6 +211,31 @@ fn greedy_identity_on_qwen_code_edit() {
     }
 }
 
+/// Gemma 3 (sliding-window layers of 512) on a prompt longer than its window, asked to
+/// repeat the text: greedy output with the n-gram and retrieval drafters equals plain
+/// output while the verified trees sit past the window, and the copied text is accepted.
+#[test]
+fn greedy_identity_on_gemma3_past_its_window() {
+    let dir = temp_dir("spec-gemma3");
+    let extra = format!("[[plugin]]\nname = \"retrieval\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_retrieval.so\"\n", plugin_dir().display());
+    let cfg = config(&dir, &extra);
+    let mut s = Session::open(cpu_backend(2), &model_file("gemma-3-270m-q4_k_m.gguf"), 2048).unwrap();
+    let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
+    let head: String = text.chars().take(300).collect();
+    // A base model: a plain-text prompt that invites copying.
+    let prompt = s.tok().encode(&format!("{text}\n\nThe same text once more, word for word:\n\n{head}"), true).unwrap();
+    assert!(prompt.len() > 1100, "the prompt must outrun the 512-token window: {}", prompt.len());
+    let plain = run(&mut s, None, &prompt, &greedy(48));
+    for name in ["ngram", "retrieval"] {
+        let g = run(&mut s, Some(plugins::load_drafters(&cfg, name).unwrap()), &prompt, &greedy(48));
+        assert_eq!(g.tokens, plain.tokens, "{name}, adaptive budget");
+        let g = run(&mut s, Some(plugins::load_drafters(&cfg, name).unwrap()), &prompt, &greedy_fixed(48));
+        assert_eq!(g.tokens, plain.tokens, "{name}, fixed budget");
+        let st = g.spec.unwrap();
+        assert!(st.accepted > 0, "{name}: nothing accepted while copying: {st:?}");
+    }
+}
+
 /// Proposes, after the pending token, siblings taken from a table of the target's own top
 /// tokens (so they are sometimes accepted, sometimes rejected), one of them with a child.
 struct TableDrafter {

@@ -18,14 +18,17 @@ fn matvec(w: &(Vec<usize>, Vec<f32>), x: &[f64]) -> Vec<f64> {
     (0..rows).map(|r| (0..cols).map(|c| w.1[r * cols + c] as f64 * x[c]).sum()).collect()
 }
 
-/// Naive f64 forward with Hugging Face conventions (rotate-half rope, causal attention):
-/// logits of every position of `tokens`.
+/// Naive f64 forward with Hugging Face conventions (rotate-half rope, causal attention,
+/// gemma3's window, norms and GELU): logits of every position of `tokens`.
 pub fn reference_logits(s: &Spec, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
     let g = |n: &str| &w[n];
     let (e, hd) = (s.n_embd, s.head_dim);
     let half = hd / 2;
-    let inv: Vec<f64> = (0..half).map(|i| 1.0 / s.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
-    let rope = |v: &mut [f64], pos: usize| {
+    let gemma = s.arch == Arch::Gemma3;
+    let inv_for = |theta: f64| -> Vec<f64> { (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect() };
+    // Gemma 3's sliding-window layers rotate with base 10 000.
+    let (inv_global, inv_local) = (inv_for(s.rope_theta), inv_for(10000.0));
+    let rope = |v: &mut [f64], pos: usize, inv: &[f64]| {
         for h in v.chunks_mut(hd) {
             for i in 0..half {
                 let (sn, cs) = (pos as f64 * inv[i]).sin_cos();
@@ -36,10 +39,14 @@ pub fn reference_logits(s: &Spec, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> 
         }
     };
     let emb = g("model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| emb.1[t as usize * e..(t as usize + 1) * e].iter().map(|&v| v as f64).collect()).collect();
+    let scale = if gemma { (e as f64).sqrt() } else { 1.0 };
+    let mut xs: Vec<Vec<f64>> =
+        tokens.iter().map(|&t| emb.1[t as usize * e..(t as usize + 1) * e].iter().map(|&v| v as f64 * scale).collect()).collect();
     let group = s.n_head / s.n_head_kv;
     for l in 0..s.n_layer {
         let p = |n: &str| format!("model.layers.{l}.{n}");
+        let swa = s.is_swa(l);
+        let inv = if swa { &inv_local } else { &inv_global };
         let mut ks = Vec::new();
         let mut vs = Vec::new();
         let mut qs = Vec::new();
@@ -54,14 +61,14 @@ pub fn reference_logits(s: &Spec, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> 
                     buf.iter_mut().zip(bias).for_each(|(a, b)| *a += *b as f64);
                 }
             }
-            if s.arch == Arch::Qwen3 {
+            if matches!(s.arch, Arch::Qwen3 | Arch::Gemma3) {
                 let qn = &g(&p("self_attn.q_norm.weight")).1;
                 let kn = &g(&p("self_attn.k_norm.weight")).1;
                 q = q.chunks(hd).flat_map(|c| rms(c, qn, s.eps)).collect();
                 k = k.chunks(hd).flat_map(|c| rms(c, kn, s.eps)).collect();
             }
-            rope(&mut q, pos);
-            rope(&mut k, pos);
+            rope(&mut q, pos, inv);
+            rope(&mut k, pos, inv);
             qs.push(q);
             ks.push(k);
             vs.push(v);
@@ -71,23 +78,37 @@ pub fn reference_logits(s: &Spec, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> 
             for h in 0..s.n_head {
                 let kvh = h / group;
                 let q = &qs[t][h * hd..(h + 1) * hd];
-                let sc: Vec<f64> = (0..=t).map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
+                // Keys at positions t - window + 1 ..= t on a sliding-window layer.
+                let first = if swa { (t + 1).saturating_sub(s.window) } else { 0 };
+                let sc: Vec<f64> = (first..=t).map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()).collect();
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let ex: Vec<f64> = sc.iter().map(|v| (v - mx).exp()).collect();
                 let sum: f64 = ex.iter().sum();
-                for j in 0..=t {
+                for (i, j) in (first..=t).enumerate() {
                     for d in 0..hd {
-                        att[h * hd + d] += ex[j] / sum * vs[j][kvh * hd + d];
+                        att[h * hd + d] += ex[i] / sum * vs[j][kvh * hd + d];
                     }
                 }
             }
-            let o = matvec(g(&p("self_attn.o_proj.weight")), &att);
+            let mut o = matvec(g(&p("self_attn.o_proj.weight")), &att);
+            if gemma {
+                o = rms(&o, &g(&p("post_attention_layernorm.weight")).1, s.eps);
+            }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            let h = rms(x, &g(&p("post_attention_layernorm.weight")).1, s.eps);
+            let ffn_norm = if gemma { "pre_feedforward_layernorm.weight" } else { "post_attention_layernorm.weight" };
+            let h = rms(x, &g(&p(ffn_norm)).1, s.eps);
             let gt = matvec(g(&p("mlp.gate_proj.weight")), &h);
             let up = matvec(g(&p("mlp.up_proj.weight")), &h);
-            let act: Vec<f64> = gt.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-            let d = matvec(g(&p("mlp.down_proj.weight")), &act);
+            let act: Vec<f64> = if gemma {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                gt.iter().zip(&up).map(|(g, u)| 0.5 * g * (1.0 + (c * (g + 0.044715 * g * g * g)).tanh()) * u).collect()
+            } else {
+                gt.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+            };
+            let mut d = matvec(g(&p("mlp.down_proj.weight")), &act);
+            if gemma {
+                d = rms(&d, &g(&p("post_feedforward_layernorm.weight")).1, s.eps);
+            }
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
     }

@@ -22,6 +22,17 @@ pub struct Spec {
     pub tied: bool,
     pub rope_theta: f64,
     pub eps: f64,
+    /// Gemma 3: the sliding window and its layer pattern (every `swa_pattern`-th layer is
+    /// global); unused by the other architectures.
+    pub window: usize,
+    pub swa_pattern: usize,
+}
+
+impl Spec {
+    /// Whether layer `l` attends over the sliding window (gemma3 only).
+    pub fn is_swa(&self, l: usize) -> bool {
+        self.arch == Arch::Gemma3 && self.window > 0 && (l + 1) % self.swa_pattern != 0
+    }
 }
 
 impl Spec {
@@ -37,9 +48,13 @@ impl Spec {
             // qwen3 decouples head_dim from n_embd / n_head.
             head_dim: if arch == Arch::Qwen3 { 128 } else { 64 },
             n_ff: 512,
-            tied: arch == Arch::Llama,
+            tied: matches!(arch, Arch::Llama | Arch::Gemma3),
             rope_theta: 50000.0,
             eps: 1e-5,
+            // Shorter than the checks' token sequences, so the window hides keys; layer 0
+            // windowed, layer 1 global.
+            window: 4,
+            swa_pattern: 2,
         }
     }
 }
@@ -72,6 +87,13 @@ pub fn random_weights(s: &Spec, seed: u64) -> Weights {
         let p = |n: &str| format!("model.layers.{l}.{n}");
         add(p("input_layernorm.weight"), vec![e], 0.2, 1.0);
         add(p("post_attention_layernorm.weight"), vec![e], 0.2, 1.0);
+        if s.arch == Arch::Gemma3 {
+            // Gemma's post_attention_layernorm norms the attention output; these two are
+            // the feed-forward's input and output norms. Stored as multipliers (GGUF's
+            // convention: the converter adds gemma's +1).
+            add(p("pre_feedforward_layernorm.weight"), vec![e], 0.2, 1.0);
+            add(p("post_feedforward_layernorm.weight"), vec![e], 0.2, 1.0);
+        }
         add(p("self_attn.q_proj.weight"), vec![q, e], 0.15, 0.0);
         add(p("self_attn.k_proj.weight"), vec![kv, e], 0.15, 0.0);
         add(p("self_attn.v_proj.weight"), vec![kv, e], 0.15, 0.0);
@@ -84,7 +106,7 @@ pub fn random_weights(s: &Spec, seed: u64) -> Weights {
             add(p("self_attn.k_proj.bias"), vec![kv], 0.3, 0.0);
             add(p("self_attn.v_proj.bias"), vec![kv], 0.3, 0.0);
         }
-        if s.arch == Arch::Qwen3 {
+        if matches!(s.arch, Arch::Qwen3 | Arch::Gemma3) {
             add(p("self_attn.q_norm.weight"), vec![s.head_dim], 0.2, 1.0);
             add(p("self_attn.k_norm.weight"), vec![s.head_dim], 0.2, 1.0);
         }
@@ -144,7 +166,19 @@ pub fn vocab(n: usize) -> (Vec<String>, Vec<i32>) {
     (toks, types)
 }
 
-fn gguf_name(hf: &str) -> String {
+fn gguf_name(arch: Arch, hf: &str) -> String {
+    if arch == Arch::Gemma3 {
+        // Gemma's four layer norms map to GGUF names of their own.
+        for (from, to) in [
+            ("post_attention_layernorm.weight", "post_attention_norm.weight"),
+            ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+            ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+        ] {
+            if let Some(l) = hf.strip_prefix("model.layers.").and_then(|r| r.strip_suffix(from)) {
+                return format!("blk.{}{to}", l);
+            }
+        }
+    }
     coordgen_model::safetensors_dir::hf_to_gguf_name(hf).expect("known tensor name")
 }
 
@@ -179,6 +213,8 @@ pub fn write_gguf(s: &Spec, w: &Weights, ty: GgmlType, path: &Path) {
         .kv(&format!("{a}.attention.key_length"), Value::U32(s.head_dim as u32))
         .kv(&format!("{a}.rope.freq_base"), Value::F32(s.rope_theta as f32))
         .kv(&format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(s.eps as f32))
+        .kv(&format!("{a}.attention.sliding_window"), Value::U32(s.window as u32))
+        .kv(&format!("{a}.attention.sliding_window_pattern"), Value::U32(s.swa_pattern as u32))
         .kv("tokenizer.ggml.model", Value::Str("gpt2".into()))
         .kv("tokenizer.ggml.pre", Value::Str("default".into()))
         .kv("tokenizer.ggml.tokens", Value::Array(toks.into_iter().map(Value::Str).collect()))
@@ -197,7 +233,7 @@ pub fn write_gguf(s: &Spec, w: &Weights, ty: GgmlType, path: &Path) {
             data = permute_qk(v, shape[0], shape[1], heads);
         }
         let t = if shape.len() == 2 { ty } else { GgmlType::F32 };
-        g.tensor(&gguf_name(name), &dims, t, quantize_row(t, &data));
+        g.tensor(&gguf_name(s.arch, name), &dims, t, quantize_row(t, &data));
     }
     g.write(path).unwrap();
 }

@@ -22,6 +22,7 @@ use crate::pool::{split_range, ThreadPool};
 use crate::simd::{self, Isa};
 
 /// Geometry of one attention call.
+#[derive(Clone, Copy)]
 pub struct AttnShape {
     pub n_tok: usize,
     pub n_head: usize,
@@ -102,7 +103,14 @@ impl Item<'_> {
 
 /// `q` is `n_tok x (n_head*head_dim)`; `k_cache`/`v_cache` hold at least `start + n_tok`
 /// rows of `n_head_kv*head_dim` (the batch's own rows included); `visible(t, j)` says
-/// whether batch token `t` sees batch token `j`. Writes `n_tok x (n_head*head_dim)`.
+/// whether batch token `t` sees batch token `j`. `cache_lo[t]`, when given, is the first
+/// cache entry token `t` sees (a sliding window; entries `cache_lo[t]..start` are visible,
+/// and the window over batch entries is `visible`'s job); empty means all of `0..start`.
+/// Writes `n_tok x (n_head*head_dim)`.
+///
+/// A windowed row is computed as if the cache began at its `cache_lo`: its keys are
+/// renumbered from there, so its ordinal sequence (and result) depends only on which
+/// entries it sees, as without a window.
 #[allow(clippy::too_many_arguments)]
 pub fn attention<E: KvElem>(
     pool: &ThreadPool,
@@ -112,6 +120,7 @@ pub fn attention<E: KvElem>(
     k_cache: &[E],
     v_cache: &[E],
     visible: &(dyn Fn(usize, usize) -> bool + Sync),
+    cache_lo: &[usize],
     out: &mut [f32],
 ) {
     let group = s.n_head / s.n_head_kv;
@@ -119,16 +128,27 @@ pub fn attention<E: KvElem>(
     let q_len = s.n_tok * s.n_head * s.head_dim;
     assert!(q.len() >= q_len && out.len() >= q_len, "attention: query or output buffer too small");
     assert!(k_cache.len() >= (s.start + s.n_tok) * kv_dim && v_cache.len() >= (s.start + s.n_tok) * kv_dim);
+    assert!(cache_lo.is_empty() || cache_lo.len() == s.n_tok, "attention: one window start per token");
+    let lo = |t: usize| cache_lo.get(t).copied().unwrap_or(0).min(s.start);
+    // Cache positions of the batch entries each token sees, relative to its window start.
     let own: Vec<Vec<usize>> =
-        (0..s.n_tok).map(|t| (0..s.n_tok).filter(|&j| visible(t, j)).map(|j| s.start + j).collect()).collect();
+        (0..s.n_tok).map(|t| (0..s.n_tok).filter(|&j| visible(t, j)).map(|j| s.start + j - lo(t)).collect()).collect();
 
     // Enough items for every thread: smaller token blocks first, then split query heads.
+    // A block holds tokens of one window start only (they share the cache pass).
     let nt = pool.threads();
     let mut tb = TOKEN_BLOCK.min(s.n_tok);
     while tb > 1 && s.n_tok.div_ceil(tb) * s.n_head_kv < nt {
         tb = tb.div_ceil(2);
     }
-    let n_tb = s.n_tok.div_ceil(tb);
+    let mut blocks: Vec<(usize, usize)> = Vec::new();
+    for t in 0..s.n_tok {
+        match blocks.last_mut() {
+            Some((t0, n)) if *n < tb && lo(*t0) == lo(t) => *n += 1,
+            _ => blocks.push((t, 1)),
+        }
+    }
+    let n_tb = blocks.len();
     let mut parts = 1;
     while parts < group && n_tb * s.n_head_kv * parts < nt {
         parts += 1;
@@ -143,14 +163,15 @@ pub fn attention<E: KvElem>(
             for it in split_range(items, nt, ti) {
                 let (part, rest) = (it % parts, it / parts);
                 let (kvh, blk) = (rest % s.n_head_kv, rest / s.n_head_kv);
-                let t0 = blk * tb;
+                let (t0, n_t) = blocks[blk];
+                let base = lo(t0);
+                let shifted = AttnShape { start: s.start - base, ..*s };
                 let gs = split_range(group, parts, part);
-                let n_t = tb.min(s.n_tok - t0);
                 let own = &own[t0..t0 + n_t];
-                let stride = (s.start + own.iter().map(Vec::len).max().unwrap_or(0)).div_ceil(TILE) * TILE;
-                let item = Item { s, t0, n_t, g0: gs.start, n_g: gs.len(), kvh, own, stride };
+                let stride = (shifted.start + own.iter().map(Vec::len).max().unwrap_or(0)).div_ceil(TILE) * TILE;
+                let item = Item { s: &shifted, t0, n_t, g0: gs.start, n_g: gs.len(), kvh, own, stride };
                 scores.resize(item.rows() * stride, 0.0);
-                run_item(isa, fast, &item, q, k_cache, v_cache, &mut scores, o);
+                run_item(isa, fast, &item, q, &k_cache[base * kv_dim..], &v_cache[base * kv_dim..], &mut scores, o);
             }
         });
     });
@@ -286,7 +307,7 @@ mod tests {
         let v: Vec<E> = c.v.iter().map(|&x| E::from_f32(x)).collect();
         let w = c.s.n_tok;
         let mut out = vec![f32::NAN; c.q.len()];
-        attention(pool, isa, &c.s, &c.q, &k, &v, &|t, j| c.mask[t * w + j], &mut out);
+        attention(pool, isa, &c.s, &c.q, &k, &v, &|t, j| c.mask[t * w + j], &[], &mut out);
         out
     }
 

@@ -1,4 +1,4 @@
-//! The transformer forward pass (llama / qwen2 / qwen3) over a batch of
+//! The transformer forward pass (llama / qwen2 / qwen3 / gemma3) over a batch of
 //! tokens with explicit positions and an attention mask.
 
 use crate::model::CpuModel;
@@ -44,7 +44,11 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
 
     let mut x = vec![0f32; w * e];
     for (t, &tok) in batches.iter().flat_map(|b| b.tokens).enumerate() {
-        ops::get_row(&m.tok_embd, tok as usize, &mut x[t * e..(t + 1) * e]);
+        let row = &mut x[t * e..(t + 1) * e];
+        ops::get_row(&m.tok_embd, tok as usize, row);
+        if hp.embd_scale != 1.0 {
+            row.iter_mut().for_each(|v| *v *= hp.embd_scale);
+        }
     }
     let mut xn = vec![0f32; w * e];
     let mut q = vec![0f32; w * q_dim];
@@ -73,36 +77,50 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
         if let Some(g) = &l.k_norm {
             ops::rms_norm_heads(&mut k, g, hp.rms_eps);
         }
+        let swa = hp.is_swa(li);
+        let inv_freq = if swa { &m.rope_inv_freq_swa } else { &m.rope_inv_freq };
         for (si, (slot, b)) in slots.iter_mut().zip(batches).enumerate() {
             let (r0, r1) = (offs[si], offs[si + 1]);
             let n = r1 - r0;
             for t in 0..n {
                 let (pos, row) = (b.positions[t], r0 + t);
-                ops::rope(&mut q[row * q_dim..(row + 1) * q_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
-                ops::rope(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, pos, &m.rope_inv_freq, hp.rope_neox);
+                ops::rope(&mut q[row * q_dim..(row + 1) * q_dim], hd, pos, inv_freq, hp.rope_neox);
+                ops::rope(&mut k[row * kv_dim..(row + 1) * kv_dim], hd, pos, inv_freq, hp.rope_neox);
             }
             let start = slot.len();
             slot.write_layer(li, start, &k[r0 * kv_dim..r1 * kv_dim], &v[r0 * kv_dim..r1 * kv_dim]);
-            let mask = b.mask;
-            let visible = move |t: usize, j: usize| if mask.is_empty() { j <= t } else { mask[t * n + j] != 0 };
+            let (mask, positions) = (b.mask, b.positions);
+            // A sliding-window layer hides keys `window` or more positions back. Cache entry
+            // i holds position i (the host keeps the committed sequence in order from 0), so
+            // the window over the cache is a first visible entry per token.
+            let window = if swa { hp.sliding_window } else { 0 };
+            let in_window = move |t: usize, j: usize| window == 0 || positions[t].saturating_sub(positions[j]) < window as u32;
+            let visible = move |t: usize, j: usize| (if mask.is_empty() { j <= t } else { mask[t * n + j] != 0 }) && in_window(t, j);
+            let cache_lo: Vec<usize> = if window == 0 { Vec::new() } else { positions.iter().map(|&p| (p as usize + 1).saturating_sub(window)).collect() };
             let shape = AttnShape { n_tok: n, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start };
             let (qs, out) = (&q[r0 * q_dim..r1 * q_dim], &mut attn[r0 * q_dim..r1 * q_dim]);
             match slot.layer(li) {
-                (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, out),
-                (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, out),
+                (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, &cache_lo, out),
+                (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, &cache_lo, out),
                 _ => return Err("forward: keys and values of a slot have different types".into()),
             }
         }
         qa.quantize_on(Some(pool), &attn, w, q_dim, bits);
         ops::linear(pool, isa, &l.wo, &attn, &qa, w, &mut proj);
+        if let Some(g) = &l.post_attn_norm {
+            ops::rms_norm_heads(&mut proj, g, hp.rms_eps);
+        }
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
 
         ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
         qa.quantize_on(Some(pool), &xn, w, e, bits);
         ops::linear_many(pool, isa, &[&l.w_gate, &l.w_up], &xn, &qa, w, &mut [&mut gate, &mut up]);
-        ops::swiglu(&mut gate, &up);
+        ops::glu(hp.activation, &mut gate, &up);
         qa.quantize_on(Some(pool), &gate, w, hp.n_ff, bits);
         ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
+        if let Some(g) = &l.post_ffn_norm {
+            ops::rms_norm_heads(&mut proj, g, hp.rms_eps);
+        }
         x.iter_mut().zip(&proj).for_each(|(a, b)| *a += b);
     }
     for (slot, b) in slots.iter_mut().zip(batches) {
@@ -126,6 +144,9 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
     let mut logits = vec![0f32; nr * hp.n_vocab];
     qa.quantize_on(Some(pool), &seln, nr, e, bits);
     ops::linear(pool, isa, &m.output, &seln, &qa, nr, &mut logits);
+    if let Some(cap) = hp.final_softcap {
+        logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+    }
     if batches.len() == 1 {
         outs.push(logits);
         return Ok(outs);

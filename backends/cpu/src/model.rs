@@ -73,6 +73,9 @@ pub struct Layer {
     pub k_norm: Option<Vec<f32>>,
     pub wo: Matrix,
     pub ffn_norm: Vec<f32>,
+    /// Gemma's norms of the attention and feed-forward outputs before each residual add.
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
     pub w_gate: Matrix,
     pub w_up: Matrix,
     pub w_down: Matrix,
@@ -84,8 +87,10 @@ pub struct CpuModel {
     pub layers: Vec<Layer>,
     pub out_norm: Vec<f32>,
     pub output: Matrix,
-    /// Inverse frequencies of the rotary embedding, `head_dim / 2`.
+    /// Inverse frequencies of the rotary embedding, `head_dim / 2`: of the global layers,
+    /// and of the sliding-window layers (the same where the model has one base).
     pub rope_inv_freq: Vec<f32>,
+    pub rope_inv_freq_swa: Vec<f32>,
     pub weight_bytes: u64,
     /// Bytes of repacked copies of weights (memory beyond the mapped file).
     pub extra_bytes: u64,
@@ -114,6 +119,28 @@ fn matrix(f: &ModelFile, name: &str, rows: usize, cols: usize) -> Result<Matrix,
     Matrix::from_tensor(&t, rows, cols)
 }
 
+/// Gemma requires both post norms; other architectures have none.
+fn post_norm(f: &ModelFile, hp: &HParams, name: &str) -> Result<Option<Vec<f32>>, String> {
+    if hp.arch == Arch::Gemma3 {
+        vector(f, name, hp.n_embd).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// RoPE inverse frequencies for `theta`, divided by the file's per-frequency factors (llama
+/// 3.1) and by a linear position scale (gemma's global layers).
+pub fn inv_freq(hp: &HParams, theta: f32, linear: f32) -> Vec<f32> {
+    let hd = hp.head_dim;
+    (0..hd / 2)
+        .map(|i| {
+            let f = 1.0 / (theta as f64).powf(2.0 * i as f64 / hd as f64);
+            let factor = hp.rope_freq_factors.as_ref().and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
+            (f / factor / linear as f64) as f32
+        })
+        .collect()
+}
+
 impl CpuModel {
     /// Loads the model, repacking matrices for `isa`'s kernels with `threads` threads.
     pub fn load(path: &str, isa: Isa, threads: usize) -> Result<Self, String> {
@@ -130,7 +157,7 @@ impl CpuModel {
         let mut layers = Vec::with_capacity(hp.n_layer);
         for i in 0..hp.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
-            let (q_norm, k_norm) = if hp.arch == Arch::Qwen3 {
+            let (q_norm, k_norm) = if matches!(hp.arch, Arch::Qwen3 | Arch::Gemma3) {
                 (Some(vector(&file, &n("attn_q_norm.weight"), hd)?), Some(vector(&file, &n("attn_k_norm.weight"), hd)?))
             } else {
                 (opt_vector(&file, &n("attn_q_norm.weight"), hd)?, opt_vector(&file, &n("attn_k_norm.weight"), hd)?)
@@ -147,6 +174,8 @@ impl CpuModel {
                 k_norm,
                 wo: matrix(&file, &n("attn_output.weight"), e, q_dim)?,
                 ffn_norm: vector(&file, &n("ffn_norm.weight"), e)?,
+                post_attn_norm: post_norm(&file, &hp, &n("post_attention_norm.weight"))?,
+                post_ffn_norm: post_norm(&file, &hp, &n("post_ffw_norm.weight"))?,
                 w_gate: matrix(&file, &n("ffn_gate.weight"), hp.n_ff, e)?,
                 w_up: matrix(&file, &n("ffn_up.weight"), hp.n_ff, e)?,
                 w_down: matrix(&file, &n("ffn_down.weight"), e, hp.n_ff)?,
@@ -162,14 +191,8 @@ impl CpuModel {
         } else {
             matrix(&file, "token_embd.weight", hp.n_vocab, e)?
         };
-        let half = hd / 2;
-        let rope_inv_freq = (0..half)
-            .map(|i| {
-                let f = 1.0 / (hp.rope_theta as f64).powf(2.0 * i as f64 / hd as f64);
-                let factor = hp.rope_freq_factors.as_ref().and_then(|v| v.get(i)).copied().unwrap_or(1.0) as f64;
-                (f / factor) as f32
-            })
-            .collect();
+        let rope_inv_freq = inv_freq(&hp, hp.rope_theta, hp.rope_linear_factor);
+        let rope_inv_freq_swa = inv_freq(&hp, hp.rope_theta_swa, 1.0);
         let mut output = output;
         let mut layers = layers;
         let mut weight_bytes = output.bytes() as u64;
@@ -191,7 +214,7 @@ impl CpuModel {
                 extra_bytes += repack(m, &file, false);
             }
         }
-        Ok(CpuModel { hp, tok_embd, layers, out_norm, output, rope_inv_freq, weight_bytes, extra_bytes, _file: file })
+        Ok(CpuModel { hp, tok_embd, layers, out_norm, output, rope_inv_freq, rope_inv_freq_swa, weight_bytes, extra_bytes, _file: file })
     }
 
     pub fn kv_dim(&self) -> usize {

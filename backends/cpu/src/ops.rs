@@ -311,9 +311,39 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gate = gelu_tanh(gate) * up` (gemma's GeGLU, the tanh approximation of GELU).
+pub fn geglu_tanh(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        let t = (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh();
+        *g = 0.5 * x * (1.0 + t) * u;
+    }
+}
+
+/// The feed-forward's gated activation of the model.
+pub fn glu(act: coordgen_model::Activation, gate: &mut [f32], up: &[f32]) {
+    match act {
+        coordgen_model::Activation::Silu => swiglu(gate, up),
+        coordgen_model::Activation::GeluTanh => geglu_tanh(gate, up),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn geglu_matches_the_tanh_gelu_formula() {
+        let xs = [-6.0f32, -1.5, -0.3, 0.0, 0.2, 1.0, 3.7];
+        let mut g = xs.to_vec();
+        geglu_tanh(&mut g, &[2.0; 7]);
+        for (x, got) in xs.iter().zip(&g) {
+            let x = *x as f64;
+            let want = 2.0 * 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+            assert!((*got as f64 - want).abs() < 1e-5, "x {x}: {got} vs {want}");
+        }
+    }
 
     #[test]
     fn chunks_cover_every_row_once_in_even_steps() {

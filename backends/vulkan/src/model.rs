@@ -158,6 +158,10 @@ impl GpuModel {
         }
         let before = ctx.used_bytes();
         let (e, hd) = (hp.n_embd, hp.head_dim);
+        if hp.arch == Arch::Gemma3 {
+            // Its scaled embeddings, GELU, post norms and sliding window have no shaders yet.
+            return Err("vulkan: the gemma3 architecture is not supported on this backend yet; run it with target_backend = \"cpu\"".into());
+        }
         if hd % 2 != 0 || hd > 512 {
             return Err(format!("vulkan: head dimension {hd} is not supported (even, at most 512)"));
         }

@@ -147,13 +147,14 @@ pub fn models_dir() -> PathBuf {
     std::env::var_os("COORDGEN_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
 }
 
-/// Resolves the default model names (smollm2, qwen-0.5b, qwen-1.5b) to files under
+/// Resolves the default model names (smollm2, qwen-0.5b, qwen-1.5b, gemma3-270m) to files under
 /// [`models_dir`]; anything else is taken as a path.
 pub fn resolve_model(m: &str) -> PathBuf {
     let file = match m {
         "smollm2" => "SmolLM2-135M-Instruct.Q4_1.gguf",
         "qwen-0.5b" => "qwen2.5-coder-0.5b-instruct.gguf",
         "qwen-1.5b" => "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "gemma3-270m" => "gemma-3-270m-q4_k_m.gguf",
         _ => return PathBuf::from(m),
     };
     models_dir().join(file)

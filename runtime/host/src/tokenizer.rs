@@ -38,7 +38,8 @@ impl Tok {
         let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer: {e}"))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special && self.add_bos {
-            if let Some(b) = self.bos {
+            // A rendered chat template that opens with the BOS text already holds it.
+            if let Some(b) = self.bos.filter(|&b| enc.get_ids().first() != Some(&b)) {
                 ids.push(b);
             }
         }
@@ -207,19 +208,29 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tok> {
         bos,
         eos: eos.clone(),
         add_bos,
-        chat_template: g.get_str("tokenizer.chat_template").map(String::from),
+        chat_template: g.get_str("tokenizer.chat_template").map(String::from).or_else(|| builtin_template(g.get_str("general.architecture").unwrap_or(""))),
         bos_text: text(bos),
         eos_text: text(eos.first().copied()),
     })
 }
 
+/// The chat format of a model family whose files often carry no template (llama.cpp also
+/// falls back to a known format by architecture). Gemma base-model conversions have none.
+fn builtin_template(arch: &str) -> Option<String> {
+    match arch {
+        "gemma3" => Some(include_str!("../templates/gemma.jinja").to_string()),
+        _ => None,
+    }
+}
+
 /// SentencePiece BPE merges: every split of a vocabulary piece into two pieces that are both
-/// in the vocabulary, ranked by the merged piece's score (higher merges first).
+/// in the vocabulary, ranked by the merged piece's score (higher merges first). Pairs, not
+/// "left right" strings: some vocabularies (gemma) have pieces that contain spaces.
 const MAX_SPM_PIECE: usize = 256;
 
-fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<String> {
+fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<[String; 2]> {
     let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-    let mut merges: Vec<(f64, usize, usize, String)> = Vec::new();
+    let mut merges: Vec<(f64, usize, usize, [String; 2])> = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         // Every split of a token is looked up, so the work grows with the square of its
         // length; real pieces are a few dozen bytes, and a crafted huge one is skipped.
@@ -230,7 +241,7 @@ fn spm_merges(tokens: &[&str], scores: &[f64]) -> Vec<String> {
         for &(cut, _) in chars.iter().skip(1) {
             let (l, r) = t.split_at(cut);
             if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
-                merges.push((scores.get(i).copied().unwrap_or(0.0), li, ri, format!("{l} {r}")));
+                merges.push((scores.get(i).copied().unwrap_or(0.0), li, ri, [l.to_string(), r.to_string()]));
             }
         }
     }
@@ -288,6 +299,7 @@ mod tests {
         let scores = [0.0, 0.0, 0.0, -5.0, -1.0, -0.5];
         let m = spm_merges(&toks, &scores);
         // "abc" (best score) splits two ways; "bc" outranks "ab".
-        assert_eq!(m, vec!["a bc", "ab c", "b c", "a b"]);
+        let pairs: Vec<String> = m.iter().map(|[l, r]| format!("{l} {r}")).collect();
+        assert_eq!(pairs, vec!["a bc", "ab c", "b c", "a b"]);
     }
 }

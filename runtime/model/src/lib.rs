@@ -1,6 +1,6 @@
 //! Model files and their meaning: GGUF and safetensors readers, ggml quantization formats,
-//! and the hyper-parameters of the supported architectures (llama, qwen2, qwen3), read from
-//! either source into one [`HParams`] and one tensor naming scheme (GGUF's).
+//! and the hyper-parameters of the supported architectures (llama, qwen2, qwen3 from either
+//! source; gemma3 from GGUF), read into one [`HParams`] and one tensor naming scheme (GGUF's).
 
 pub mod gguf;
 pub mod quant;
@@ -33,6 +33,18 @@ pub enum Arch {
     Llama,
     Qwen2,
     Qwen3,
+    /// Gemma 3 (text): scaled embeddings, GELU-tanh, norms after attention and feed-forward,
+    /// QK norm, and interleaved sliding-window / global attention layers.
+    Gemma3,
+}
+
+/// The feed-forward's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(gate) * up` (llama, qwen).
+    Silu,
+    /// `gelu_tanh(gate) * up` (gemma).
+    GeluTanh,
 }
 
 impl Arch {
@@ -41,7 +53,8 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
-            other => Err(ModelError::Unsupported(format!("architecture '{other}' (supported: llama, qwen2, qwen3)"))),
+            "gemma3" => Ok(Arch::Gemma3),
+            other => Err(ModelError::Unsupported(format!("architecture '{other}' (supported: llama, qwen2, qwen3, gemma3)"))),
         }
     }
     pub fn name(self) -> &'static str {
@@ -49,6 +62,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 }
@@ -72,6 +86,27 @@ pub struct HParams {
     /// Per-frequency divisors (llama 3.1 long-context scaling), `head_dim / 2` of them.
     pub rope_freq_factors: Option<Vec<f32>>,
     pub n_ctx_train: usize,
+    /// Factor on the token embeddings (gemma: `sqrt(n_embd)`; 1 elsewhere).
+    pub embd_scale: f32,
+    pub activation: Activation,
+    /// Keys a sliding-window layer's query sees: those at positions `p - window + 1 ..= p`
+    /// (0: no sliding-window layers).
+    pub sliding_window: usize,
+    /// Which layers use the sliding window (all false without one).
+    pub swa_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers (gemma: 10 000, beside the global 1 000 000).
+    pub rope_theta_swa: f32,
+    /// Linear RoPE scaling of the global layers (positions divided by it; 1 = none).
+    pub rope_linear_factor: f32,
+    /// `cap * tanh(logits / cap)` on the output logits when set.
+    pub final_softcap: Option<f32>,
+}
+
+impl HParams {
+    /// Whether layer `l` attends over a sliding window.
+    pub fn is_swa(&self, l: usize) -> bool {
+        self.sliding_window > 0 && self.swa_layers.get(l).copied().unwrap_or(false)
+    }
 }
 
 /// A tensor borrowed from a model file.
@@ -220,21 +255,33 @@ fn hparams_from_gguf(g: &GgufFile) -> Result<HParams> {
         quant::dequantize_row(t.ty, g.tensor_data(t), &mut v);
         v
     });
-    let hp = HParams {
+    let n_layer = req("block_count")?;
+    let rope_theta = g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32;
+    let mut hp = HParams {
         arch,
         n_vocab,
         n_embd,
-        n_layer: req("block_count")?,
+        n_layer,
         n_head,
         n_head_kv,
         head_dim,
         n_ff: req("feed_forward_length")?,
         rms_eps: g.get_f64(&key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-6) as f32,
-        rope_theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
+        rope_theta,
         rope_neox: arch != Arch::Llama,
         rope_freq_factors,
         n_ctx_train: g.get_u64(&key("context_length")).unwrap_or(2048) as usize,
+        embd_scale: 1.0,
+        activation: Activation::Silu,
+        sliding_window: 0,
+        swa_layers: vec![false; n_layer],
+        rope_theta_swa: rope_theta,
+        rope_linear_factor: 1.0,
+        final_softcap: None,
     };
+    if arch == Arch::Gemma3 {
+        gemma3_from_gguf(g, &mut hp)?;
+    }
     validate(&hp)?;
     Ok(hp)
 }
@@ -272,11 +319,17 @@ fn hparams_from_config(c: &serde_json::Value, f: &ModelFile) -> Result<HParams> 
         }
     };
     let _ = f;
+    if arch == Arch::Gemma3 {
+        // Gemma's Hugging Face files name and offset their norms differently (weights
+        // stored as `w - 1`); only the GGUF conversion is read so far.
+        return Err(ModelError::Unsupported("gemma3 from a safetensors directory (convert it to GGUF, or use a GGUF file)".into()));
+    }
+    let n_layer = req("num_hidden_layers")?;
     let hp = HParams {
         arch,
         n_vocab: req("vocab_size")?,
         n_embd,
-        n_layer: req("num_hidden_layers")?,
+        n_layer,
         n_head,
         n_head_kv: c.get("num_key_value_heads").and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(n_head),
         head_dim,
@@ -286,9 +339,45 @@ fn hparams_from_config(c: &serde_json::Value, f: &ModelFile) -> Result<HParams> 
         rope_neox: true,
         rope_freq_factors,
         n_ctx_train: c.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
+        embd_scale: 1.0,
+        activation: Activation::Silu,
+        sliding_window: 0,
+        swa_layers: vec![false; n_layer],
+        rope_theta_swa: rope_theta,
+        rope_linear_factor: 1.0,
+        final_softcap: None,
     };
     validate(&hp)?;
     Ok(hp)
+}
+
+/// Gemma 3's extras: embeddings scaled by `sqrt(n_embd)`, GELU-tanh, and a sliding window
+/// on all layers but every `pattern`-th (llama.cpp's converter writes the window, not the
+/// pattern; Gemma 3 uses 6, with a RoPE base of 10 000 on the window layers).
+fn gemma3_from_gguf(g: &GgufFile, hp: &mut HParams) -> Result<()> {
+    let key = |k: &str| format!("gemma3.{k}");
+    hp.embd_scale = (hp.n_embd as f32).sqrt();
+    hp.activation = Activation::GeluTanh;
+    hp.sliding_window = g.get_u64(&key("attention.sliding_window")).unwrap_or(0) as usize;
+    let pattern = g.get_u64(&key("attention.sliding_window_pattern")).unwrap_or(6) as usize;
+    if pattern == 0 {
+        return Err(ModelError::Config("gemma3.attention.sliding_window_pattern is 0".into()));
+    }
+    hp.swa_layers = (0..hp.n_layer).map(|l| hp.sliding_window > 0 && (l + 1) % pattern != 0).collect();
+    hp.rope_theta_swa = 10000.0;
+    match g.get_str(&key("rope.scaling.type")) {
+        None | Some("none") => {}
+        Some("linear") => hp.rope_linear_factor = g.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0) as f32,
+        Some(other) => return Err(ModelError::Unsupported(format!("gemma3 rope scaling '{other}' (supported: linear)"))),
+    }
+    if !(hp.rope_linear_factor.is_finite() && hp.rope_linear_factor >= 1.0) {
+        return Err(ModelError::Config(format!("gemma3 rope scaling factor {} (must be at least 1)", hp.rope_linear_factor)));
+    }
+    hp.final_softcap = g.get_f64(&key("final_logit_softcapping")).map(|v| v as f32).filter(|v| *v > 0.0);
+    if g.get_f64(&key("attn_logit_softcapping")).is_some_and(|v| v > 0.0) {
+        return Err(ModelError::Unsupported("gemma3 attention logit soft-capping".into()));
+    }
+    Ok(())
 }
 
 /// The llama 3.1 rope scaling rule expressed as per-frequency divisors (as GGUF stores them).

@@ -13,7 +13,7 @@ use coordgen::sampling::SamplingParams;
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF file, Hugging Face directory, or a default model name (smollm2, qwen-0.5b, qwen-1.5b).
+    /// GGUF file, Hugging Face directory, or a default model name (smollm2, qwen-0.5b, qwen-1.5b, gemma3-270m).
     #[arg(long, short)]
     pub model: String,
     /// Backend plugin to run the model (default: target_backend of plugins.toml).
