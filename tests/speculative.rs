@@ -219,7 +219,9 @@ fn greedy_identity_on_gemma3_past_its_window() {
     let dir = temp_dir("spec-gemma3");
     let extra = format!("[[plugin]]\nname = \"retrieval\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_retrieval.so\"\n", plugin_dir().display());
     let cfg = config(&dir, &extra);
-    let mut s = Session::open(cpu_backend(2), &model_file("gemma-3-270m-q4_k_m.gguf"), 2048).unwrap();
+    // 4096 entries: the windowed layers keep rings of 1024 (window + slack), which the
+    // prompt wraps, so drafts are verified and compacted inside wrapped rings.
+    let mut s = Session::open(cpu_backend(2), &model_file("gemma-3-270m-q4_k_m.gguf"), 4096).unwrap();
     let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
     let head: String = text.chars().take(300).collect();
     // A base model: a plain-text prompt that invites copying.

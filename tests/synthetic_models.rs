@@ -263,3 +263,75 @@ fn gemma3_sliding_window_is_batch_invariant() {
     let err = Session::open(cpu_backend(1), &hf, 64).err().expect("gemma3 safetensors is refused").to_string();
     assert!(err.contains("gemma3 from a safetensors directory"), "{err}");
 }
+
+/// With a long context, gemma3's sliding-window layers keep rings of window + 512 entries
+/// instead of the whole context (less KV memory), and give bit-identical logits to the
+/// linear cache of a shorter slot: through 1400 tokens (rings wrapped twice), a rolled-back
+/// draft, and a prompt that shares a prefix too old for the rings (refused by the backend,
+/// so the session recomputes from the start and still answers the same).
+#[test]
+fn gemma3_window_rings_match_linear_caches() {
+    let dir = temp_dir("synthetic-gemma3-ring");
+    let spec = Spec::tiny(Arch::Gemma3);
+    let path = dir.join("gemma3.gguf");
+    write_gguf(&spec, &random_weights(&spec, 7), GgmlType::Q8_0, &path);
+    let toks: Vec<u32> = (0..1400u32).map(|i| (i * 37 + i / 5) % 300).collect();
+    let kv_bytes = |s: &Session| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&s.backend().stats_json()).unwrap();
+        v["kv_bytes_reserved"].as_u64().unwrap()
+    };
+    // 1032 = 2 x (4 + 512): the 1024-entry slot stays linear, the 4096 one gets rings.
+    let mut linear = Session::open(cpu_backend(2), &path, 1024).unwrap();
+    let mut ring = Session::open(cpu_backend(2), &path, 4096).unwrap();
+    // Layer 0 windowed (2 x 516 rows), layer 1 global (4096 rows), against 2 x 4096.
+    assert_eq!(kv_bytes(&ring) * 2 * 1024, kv_bytes(&linear) * (1032 + 4096), "ring slot size");
+    let nv = spec.n_vocab;
+    let logits_at = |s: &mut Session, seq: &[u32]| -> Vec<u32> {
+        s.reset().unwrap();
+        let mut last = Vec::new();
+        for c in seq.chunks(128) {
+            last = s.append(c, &[c.len() as u32 - 1]).unwrap();
+        }
+        last.iter().map(|x| x.to_bits()).collect()
+    };
+    // Where both fit (the linear slot holds 1024): 600 and 1000 tokens (the rings of 516
+    // wrapped once).
+    for n in [600usize, 1000] {
+        assert_eq!(logits_at(&mut ring, &toks[..n]), logits_at(&mut linear, &toks[..n]), "{n} tokens");
+    }
+    // Past 1032 entries the ring has wrapped: a draft of 8 rolled back and decoded again
+    // gives the same logits as decoding straight on.
+    logits_at(&mut ring, &toks[..1300]);
+    let pos = |a: usize, b: usize| (a as u32..b as u32).collect::<Vec<u32>>();
+    let straight = ring.forward(&toks[1300..1308], &pos(1300, 1308), &[], &[7]).unwrap();
+    ring.truncate(1300).unwrap();
+    let draft: Vec<u32> = toks[1300..1308].iter().map(|t| (t + 11) % 300).collect();
+    ring.forward(&draft, &pos(1300, 1308), &[], &[]).unwrap();
+    ring.truncate(1300).unwrap();
+    let again = ring.forward(&toks[1300..1308], &pos(1300, 1308), &[], &[7]).unwrap();
+    assert_eq!(bits(&straight[..nv]), bits(&again[..nv]), "after a rolled-back draft");
+    // A tree of two siblings at 1032 and a child of the second; keeping the second and its
+    // child moves them down one entry. 1032 is a multiple of the ring (516), so the window
+    // of 1033 runs across the ring's end into the entries' second copies.
+    ring.truncate(1032).unwrap();
+    let (t0, t1, t2) = (toks[1032], toks[1033], toks[1034]);
+    let straight = ring.forward(&[t0, t1, t2], &[1032, 1033, 1034], &[], &[2]).unwrap();
+    ring.truncate(1032).unwrap();
+    let mask = [1u8, 0, 0, 0, 1, 0, 0, 1, 1];
+    ring.forward(&[(t0 + 3) % 300, t0, t1], &[1032, 1032, 1033], &mask, &[]).unwrap();
+    ring.keep_entries(1032, &[1, 2]).unwrap();
+    let after_tree = ring.forward(&[t2], &[1034], &[], &[0]).unwrap();
+    assert_eq!(bits(&after_tree), bits(&straight), "after compacting a tree across the ring's end");
+    // Rolling back past what the rings hold is refused, and prefill recomputes instead.
+    ring.truncate(1035).unwrap();
+    ring.append(&toks[1035..1400], &[]).unwrap();
+    let err = ring.truncate(200).unwrap_err().to_string();
+    assert!(err.contains("sliding-window"), "{err}");
+    let (reused, computed) = ring.prefill(&[&toks[..200], &[5, 6, 7]].concat()).unwrap();
+    let fresh = {
+        let mut s = Session::open(cpu_backend(2), &path, 4096).unwrap();
+        s.prefill(&[&toks[..200], &[5, 6, 7]].concat()).unwrap().0
+    };
+    assert_eq!(computed, 203, "the whole prompt is recomputed");
+    assert_eq!(bits(&reused), bits(&fresh));
+}

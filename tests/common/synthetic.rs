@@ -31,7 +31,7 @@ pub struct Spec {
 impl Spec {
     /// Whether layer `l` attends over the sliding window (gemma3 only).
     pub fn is_swa(&self, l: usize) -> bool {
-        self.arch == Arch::Gemma3 && self.window > 0 && (l + 1) % self.swa_pattern != 0
+        self.arch == Arch::Gemma3 && self.window > 0 && !(l + 1).is_multiple_of(self.swa_pattern)
     }
 }
 

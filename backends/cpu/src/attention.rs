@@ -28,8 +28,11 @@ pub struct AttnShape {
     pub n_head: usize,
     pub n_head_kv: usize,
     pub head_dim: usize,
-    /// Cache entries before the batch (always visible).
+    /// Cache entries before the batch (visible from each token's window start on).
     pub start: usize,
+    /// The cache is a ring of this many entries, each stored at rows `i % ring` and
+    /// `i % ring + ring` (see `kv::Slot`); 0: entry `i` at row `i`.
+    pub ring: usize,
 }
 
 /// Batch tokens whose query rows share one pass over the cache.
@@ -127,9 +130,13 @@ pub fn attention<E: KvElem>(
     let kv_dim = s.n_head_kv * s.head_dim;
     let q_len = s.n_tok * s.n_head * s.head_dim;
     assert!(q.len() >= q_len && out.len() >= q_len, "attention: query or output buffer too small");
-    assert!(k_cache.len() >= (s.start + s.n_tok) * kv_dim && v_cache.len() >= (s.start + s.n_tok) * kv_dim);
     assert!(cache_lo.is_empty() || cache_lo.len() == s.n_tok, "attention: one window start per token");
     let lo = |t: usize| cache_lo.get(t).copied().unwrap_or(0).min(s.start);
+    let rows = if s.ring > 0 { 2 * s.ring } else { s.start + s.n_tok };
+    assert!(k_cache.len() >= rows * kv_dim && v_cache.len() >= rows * kv_dim, "attention: cache buffers too small");
+    // A ring serves a token only the run of entries from its window start to the batch's end.
+    assert!(s.ring == 0 || (0..s.n_tok).all(|t| s.start + s.n_tok - lo(t) <= s.ring), "attention: the batch outruns the ring");
+    let first_row = |base: usize| if s.ring > 0 { base % s.ring } else { base };
     // Cache positions of the batch entries each token sees, relative to its window start.
     let own: Vec<Vec<usize>> =
         (0..s.n_tok).map(|t| (0..s.n_tok).filter(|&j| visible(t, j)).map(|j| s.start + j - lo(t)).collect()).collect();
@@ -165,13 +172,14 @@ pub fn attention<E: KvElem>(
                 let (kvh, blk) = (rest % s.n_head_kv, rest / s.n_head_kv);
                 let (t0, n_t) = blocks[blk];
                 let base = lo(t0);
-                let shifted = AttnShape { start: s.start - base, ..*s };
+                let shifted = AttnShape { start: s.start - base, ring: 0, ..*s };
+                let row0 = first_row(base) * kv_dim;
                 let gs = split_range(group, parts, part);
                 let own = &own[t0..t0 + n_t];
                 let stride = (shifted.start + own.iter().map(Vec::len).max().unwrap_or(0)).div_ceil(TILE) * TILE;
                 let item = Item { s: &shifted, t0, n_t, g0: gs.start, n_g: gs.len(), kvh, own, stride };
                 scores.resize(item.rows() * stride, 0.0);
-                run_item(isa, fast, &item, q, &k_cache[base * kv_dim..], &v_cache[base * kv_dim..], &mut scores, o);
+                run_item(isa, fast, &item, q, &k_cache[row0..], &v_cache[row0..], &mut scores, o);
             }
         });
     });
@@ -280,7 +288,7 @@ mod tests {
 
     /// A token tree over a cache prefix: token t's parent is `(t - 1) / 2`.
     fn tree_case(hd: usize, start: usize, w: usize) -> Case {
-        let s = AttnShape { n_tok: w, n_head: 6, n_head_kv: 2, head_dim: hd, start };
+        let s = AttnShape { n_tok: w, n_head: 6, n_head_kv: 2, head_dim: hd, start, ring: 0 };
         let kv_dim = 2 * hd;
         let mut mask = vec![false; w * w];
         for t in 0..w {
@@ -378,6 +386,47 @@ mod tests {
                         assert_eq!(run::<F16>(&pool, path, &a), row16, "f16 {path:?} hd {hd} token {t}");
                     }
                 }
+            }
+        }
+    }
+
+    /// A windowed row (first visible cache entry `lo`) equals the same row over a cache that
+    /// begins at `lo`, in a batch whose tokens have different windows, on both paths, and
+    /// the same again when the cache is a ring (entries stored twice, see `kv::Slot`).
+    #[test]
+    fn windowed_rows_equal_rows_over_the_window_alone() {
+        let pool = ThreadPool::new(2);
+        let isa = simd::detect();
+        let (hd, start, w) = (64, 100, 9);
+        let c = tree_case(hd, start, w);
+        let kv_dim = c.s.n_head_kv * hd;
+        let q_dim = c.s.n_head * hd;
+        let lo: Vec<usize> = (0..w).map(|t| 50 + 3 * t).collect();
+        for path in [isa, Isa::Scalar] {
+            let mut out = vec![f32::NAN; c.q.len()];
+            attention(&pool, path, &c.s, &c.q, &c.k, &c.v, &|t, j| c.mask[t * w + j], &lo, &mut out);
+            // The same cache as a ring of 64 entries, every entry at i % 64 and i % 64 + 64
+            // (written in order, so it ends holding 45..109): each window runs across the
+            // ring's end into the second copies.
+            let ring = 64;
+            let mut rk = vec![0f32; 2 * ring * kv_dim];
+            let mut rv = rk.clone();
+            for i in 0..start + w {
+                for r in [i % ring, i % ring + ring] {
+                    rk[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&c.k[i * kv_dim..(i + 1) * kv_dim]);
+                    rv[r * kv_dim..(r + 1) * kv_dim].copy_from_slice(&c.v[i * kv_dim..(i + 1) * kv_dim]);
+                }
+            }
+            let mut ring_out = vec![f32::NAN; c.q.len()];
+            let rs = AttnShape { ring, ..c.s };
+            attention(&pool, path, &rs, &c.q, &rk, &rv, &|t, j| c.mask[t * w + j], &lo, &mut ring_out);
+            assert_eq!(ring_out, out, "{path:?}: ring");
+            for t in 0..w {
+                let mut a = alone(&c, t);
+                a.k.drain(..lo[t] * kv_dim);
+                a.v.drain(..lo[t] * kv_dim);
+                a.s.start -= lo[t];
+                assert_eq!(run::<f32>(&pool, path, &a), &out[t * q_dim..(t + 1) * q_dim], "{path:?} token {t}");
             }
         }
     }

@@ -31,6 +31,7 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
     }
     for (s, b) in slots.iter().zip(batches) {
         coordgen_interface::checks::check_batch(b.tokens, b.positions, b.mask, b.logit_rows, hp.n_vocab, s.len(), s.n_ctx())?;
+        check_window(hp, s, b)?;
     }
     // Segment i covers rows offs[i]..offs[i+1] of the joint batch.
     let mut offs = vec![0usize];
@@ -97,7 +98,7 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
             let in_window = move |t: usize, j: usize| window == 0 || positions[t].saturating_sub(positions[j]) < window as u32;
             let visible = move |t: usize, j: usize| (if mask.is_empty() { j <= t } else { mask[t * n + j] != 0 }) && in_window(t, j);
             let cache_lo: Vec<usize> = if window == 0 { Vec::new() } else { positions.iter().map(|&p| (p as usize + 1).saturating_sub(window)).collect() };
-            let shape = AttnShape { n_tok: n, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start };
+            let shape = AttnShape { n_tok: n, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start, ring: slot.ring(li) };
             let (qs, out) = (&q[r0 * q_dim..r1 * q_dim], &mut attn[r0 * q_dim..r1 * q_dim]);
             match slot.layer(li) {
                 (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, &cache_lo, out),
@@ -158,4 +159,31 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
         at += n;
     }
     Ok(outs)
+}
+
+/// A batch a slot with sliding-window rings can serve: at most the rings' slack of tokens,
+/// each at or past the cache's end (so its window lies in what the rings still hold).
+fn check_window(hp: &coordgen_model::HParams, s: &Slot, b: &Batch<'_>) -> Result<(), String> {
+    if b.tokens.len() > s.max_batch() {
+        return Err(format!(
+            "a forward of {} tokens exceeds the {} this slot's sliding-window layers take at once (split the batch)",
+            b.tokens.len(),
+            s.max_batch()
+        ));
+    }
+    let cap = (0..hp.n_layer).map(|l| s.ring(l)).max().unwrap_or(0);
+    if cap == 0 {
+        return Ok(());
+    }
+    let (start, n) = (s.len(), b.tokens.len());
+    for &p in b.positions {
+        let lo = (p as usize + 1).saturating_sub(hp.sliding_window).min(start);
+        if lo < s.intact_from() || start + n - lo > cap {
+            return Err(format!(
+                "position {p} (cache of {start} entries) looks back past what the sliding-window layers hold (entries {}.. of a {cap}-entry ring)",
+                s.intact_from()
+            ));
+        }
+    }
+    Ok(())
 }

@@ -206,8 +206,7 @@ impl BackendImpl for CpuBackend {
 
     fn truncate(&mut self, id: u32, len: u32) -> Result<(), String> {
         let s = self.slot(id)?;
-        let had = s.len();
-        s.truncate(len as usize).map_err(|_| format!("cannot truncate slot {id} of length {had} to {len}"))
+        s.truncate(len as usize).map_err(|e| format!("slot {id}: {e}"))
     }
 
     fn copy_prefix(&mut self, src: u32, dst: u32, len: u32) -> Result<(), String> {
@@ -294,5 +293,5 @@ impl BackendImpl for CpuBackend {
     }
 }
 
-coordgen_interface::export_backend!("cpu", "CPU backend: GGUF/safetensors llama, qwen2, qwen3; scalar/AVX2/AVX-512/NEON", CpuBackend::from_options_json);
+coordgen_interface::export_backend!("cpu", "CPU backend: GGUF/safetensors llama, qwen2, qwen3; GGUF gemma3; scalar/AVX2/AVX-512/NEON", CpuBackend::from_options_json);
 

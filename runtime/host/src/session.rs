@@ -376,8 +376,14 @@ impl Session {
             bail!("the prompt has {} tokens, but the context holds {} (use --ctx to enlarge it)", prompt.len(), self.n_ctx);
         }
         // At least the last prompt token is recomputed so we get its logits.
-        let common = self.common_prefix(prompt).min(prompt.len() - 1);
-        self.truncate(common)?;
+        let mut common = self.common_prefix(prompt).min(prompt.len() - 1);
+        if let Err(e) = self.truncate(common) {
+            // A backend may be unable to roll back that far (a sliding-window layer's ring
+            // no longer holds the keys before `common`): recompute from the start.
+            tracing::debug!(common, error = %e, "cannot keep the cached prefix; prefilling from the start");
+            self.reset()?;
+            common = 0;
+        }
         if let Some((k, _)) = calib {
             if self.predictions.k != k {
                 self.predictions = Predictions { k, ..Default::default() };
