@@ -40,7 +40,7 @@ fn replays_the_fuzz_corpora() {
 
 /// A model small enough to be a seed (a few tens of KB) with every tensor the loader wants.
 fn micro(arch: Arch) -> Spec {
-    Spec { arch, n_vocab: 300, n_embd: 32, n_layer: 1, n_head: 2, n_head_kv: 1, head_dim: 16, n_ff: 64, tied: arch == Arch::Llama, rope_theta: 10000.0, eps: 1e-5, window: 0, swa_pattern: 1 }
+    Spec { arch, n_vocab: 300, n_embd: 32, n_layer: 1, n_head: 2, n_head_kv: 1, head_dim: 16, n_ff: 64, tied: arch == Arch::Llama, rope_theta: 10000.0, eps: 1e-5, window: 0, swa_pattern: 1, llama3_rope: None }
 }
 
 fn put(target: &str, name: &str, data: &[u8]) {

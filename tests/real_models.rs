@@ -31,6 +31,11 @@ fn tokenizer_and_chat_template_match_reference() {
             let msgs: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             assert_eq!(s.render_chat(&msgs, true).unwrap(), case["rendered"].as_str().unwrap(), "{name}: chat template");
         }
+        if name.starts_with("gemma3") {
+            // Gemma's chat turns end with <end_of_turn>, a stop token beside <eos>.
+            let eot = s.tok().inner.token_to_id("<end_of_turn>").unwrap();
+            assert!(s.tok().is_eos(eot) && s.tok().is_eos(1), "{name}: stop tokens {:?}", s.tok().eos);
+        }
         // The eval text tokenizes exactly as the reference did.
         let text = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap();
         let want = ids(&f["perplexity"]["tokens"]);

@@ -335,3 +335,28 @@ fn gemma3_window_rings_match_linear_caches() {
     assert_eq!(computed, 203, "the whole prompt is recomputed");
     assert_eq!(bits(&reused), bits(&fresh));
 }
+
+/// Llama 3.1's RoPE scaling (all three bands: kept, interpolated and divided frequencies,
+/// with a 16-token original context so the 9 test positions reach them) from a GGUF file's
+/// `rope_freqs` divisors and from a Hugging Face `rope_scaling` config, against the f64
+/// reference that applies Hugging Face's rule; the scaling changes the logits, so the
+/// check would catch it being ignored.
+#[test]
+fn llama3_rope_scaling_matches_reference() {
+    let dir = temp_dir("synthetic-llama3");
+    let mut b = cpu_backend_with(2, "activation_bits = 15");
+    let spec = Spec { llama3_rope: Some([4.0, 1.0, 2.0, 16.0]), ..Spec::tiny(Arch::Llama) };
+    let w = random_weights(&spec, 9);
+    let reference = reference_logits(&spec, &w, &TOKENS);
+    let unscaled = reference_logits(&Spec { llama3_rope: None, ..spec.clone() }, &w, &TOKENS);
+    let moved = reference.iter().flatten().zip(unscaled.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f64, f64::max);
+    assert!(moved > 1e-2, "the scaling barely changes the logits ({moved:.1e}): the check would not see it");
+    let g = dir.join("llama3.gguf");
+    write_gguf(&spec, &w, GgmlType::F32, &g);
+    let (ours, _) = backend_logits(&mut b, &g, &TOKENS);
+    assert_close("llama3 rope, gguf", &ours, &reference, 2e-4);
+    let hf = dir.join("llama3-hf");
+    write_hf_dir(&spec, &w, safetensors::Dtype::F32, 1, &hf);
+    let (ours, _) = backend_logits(&mut b, &hf, &TOKENS);
+    assert_close("llama3 rope, safetensors", &ours, &reference, 2e-4);
+}

@@ -25,9 +25,8 @@ pub fn reference_logits(s: &Spec, w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> 
     let (e, hd) = (s.n_embd, s.head_dim);
     let half = hd / 2;
     let gemma = s.arch == Arch::Gemma3;
-    let inv_for = |theta: f64| -> Vec<f64> { (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect() };
-    // Gemma 3's sliding-window layers rotate with base 10 000.
-    let (inv_global, inv_local) = (inv_for(s.rope_theta), inv_for(10000.0));
+    // Gemma 3's sliding-window layers rotate with base 10 000 (and no scaling).
+    let (inv_global, inv_local) = (s.inv_freq(s.rope_theta), Spec { llama3_rope: None, ..s.clone() }.inv_freq(10000.0));
     let rope = |v: &mut [f64], pos: usize, inv: &[f64]| {
         for h in v.chunks_mut(hd) {
             for i in 0..half {

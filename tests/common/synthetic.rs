@@ -26,9 +26,35 @@ pub struct Spec {
     /// global); unused by the other architectures.
     pub window: usize,
     pub swa_pattern: usize,
+    /// Llama 3.1's RoPE scaling: factor, low_freq_factor, high_freq_factor,
+    /// original_max_position_embeddings.
+    pub llama3_rope: Option<[f64; 4]>,
 }
 
 impl Spec {
+    /// RoPE inverse frequencies for base `theta`, with Llama 3.1's scaling when set (written
+    /// as Hugging Face's rule states it: low frequencies divided by the factor, high ones
+    /// kept, the band between interpolated).
+    pub fn inv_freq(&self, theta: f64) -> Vec<f64> {
+        let hd = self.head_dim;
+        let base: Vec<f64> = (0..hd / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        let Some([factor, low, high, orig]) = self.llama3_rope else { return base };
+        let (low_wavelen, high_wavelen) = (orig / low, orig / high);
+        base.iter()
+            .map(|&f| {
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen > low_wavelen {
+                    f / factor
+                } else if wavelen < high_wavelen {
+                    f
+                } else {
+                    let smooth = (orig / wavelen - low) / (high - low);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
+            })
+            .collect()
+    }
+
     /// Whether layer `l` attends over the sliding window (gemma3 only).
     pub fn is_swa(&self, l: usize) -> bool {
         self.arch == Arch::Gemma3 && self.window > 0 && !(l + 1).is_multiple_of(self.swa_pattern)
@@ -55,6 +81,7 @@ impl Spec {
             // windowed, layer 1 global.
             window: 4,
             swa_pattern: 2,
+            llama3_rope: None,
         }
     }
 }
@@ -225,6 +252,11 @@ pub fn write_gguf(s: &Spec, w: &Weights, ty: GgmlType, path: &Path) {
             "tokenizer.chat_template",
             Value::Str("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}".into()),
         );
+    if s.llama3_rope.is_some() {
+        // GGUF stores the scaling as per-frequency divisors.
+        let divisors: Vec<f32> = s.inv_freq(s.rope_theta).iter().zip(Spec { llama3_rope: None, ..s.clone() }.inv_freq(s.rope_theta)).map(|(f, b)| (b / f) as f32).collect();
+        g.tensor("rope_freqs.weight", &[divisors.len() as u64], GgmlType::F32, quantize_row(GgmlType::F32, &divisors));
+    }
     for (name, (shape, v)) in w {
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
         let mut data = v.clone();
@@ -261,6 +293,10 @@ pub fn write_hf_dir(s: &Spec, w: &Weights, dtype: safetensors::Dtype, shards: us
         // transformers 5 layout: rope settings nested under rope_parameters.
         cfg.as_object_mut().unwrap().remove("rope_theta");
         cfg["rope_parameters"] = serde_json::json!({"rope_theta": s.rope_theta, "rope_type": "default"});
+    }
+    if let Some([factor, low, high, orig]) = s.llama3_rope {
+        cfg["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": orig});
     }
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     // tokenizer.json: the same byte-level vocabulary, via our GGUF tokenizer builder.

@@ -199,6 +199,10 @@ pub fn from_gguf(g: &GgufFile) -> Result<Tok> {
     if let Some(e) = id("tokenizer.ggml.eot_token_id") {
         eos.push(e);
     }
+    // Gemma ends a chat turn with <end_of_turn>, which its files do not name as EOT.
+    if g.get_str("general.architecture") == Some("gemma3") {
+        eos.extend(tokens.iter().position(|t| *t == "<end_of_turn>").map(|i| i as u32));
+    }
     eos.sort();
     eos.dedup();
     let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(model == "llama");
