@@ -4,22 +4,22 @@
 //! cover errors, chat cache reuse, cancelling from the callback and invalid arguments;
 //! here its speculative completion is compared with plain greedy decoding in Rust.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use coordgen::engine::{GenerateParams, Session};
 use coordgen_tests::*;
 
-#[test]
-fn c_program_embeds_the_runtime() {
-    let dir = temp_dir("capi");
+/// Compiles `source` (relative to the repository) against the C API into `dir/name`.
+fn compile_c(source: &str, dir: &Path, name: &str) -> PathBuf {
     let lib = plugin_dir();
     assert!(lib.join("libcoordgen_capi.so").is_file(), "build the workspace first (cargo build --workspace)");
-    let exe = dir.join("embed_test");
+    let exe = dir.join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(repo_path("capi/include"))
-        .arg(repo_path("capi/tests/c/embed_test.c"))
+        .arg(repo_path(source))
         .arg("-L")
         .arg(&lib)
         .arg("-lcoordgen_capi")
@@ -28,7 +28,14 @@ fn c_program_embeds_the_runtime() {
         .arg(&exe)
         .output()
         .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
-    assert!(out.status.success(), "compiling the C test failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "compiling {source} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+#[test]
+fn c_program_embeds_the_runtime() {
+    let dir = temp_dir("capi");
+    let exe = compile_c("capi/tests/c/embed_test.c", &dir, "embed_test");
 
     let cache = format!("cache_dir = \"{}\"", dir.join("cache").display());
     let config = format!(
@@ -50,4 +57,12 @@ fn c_program_embeds_the_runtime() {
     let prompt = s.tok().encode("The three primary colors are", true).unwrap();
     let plain = s.generate(&prompt, &GenerateParams { max_tokens: 24, ..Default::default() }, &mut |_| {}).unwrap();
     assert_eq!(text, plain.text, "C API (n-gram drafter) vs plain greedy");
+
+    // The example program (examples/c-embed) builds and streams a completion.
+    let example = compile_c("examples/c-embed/main.c", &dir, "c-embed");
+    let run = Command::new(&example).arg("--raw").arg(&cfg).arg(&model).args(["The three primary colors are", "24"]).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "c-embed failed:\n{out}\n{err}");
+    assert_eq!(out.trim_end(), plain.text.trim_end(), "c-embed's streamed text");
+    assert!(err.contains("24 tokens") && err.contains("length"), "{err}");
 }
