@@ -66,3 +66,48 @@ fn c_program_embeds_the_runtime() {
     assert_eq!(out.trim_end(), plain.text.trim_end(), "c-embed's streamed text");
     assert!(err.contains("24 tokens") && err.contains("length"), "{err}");
 }
+
+/// The Android example's JNI glue (`examples/android-jni`), loaded into a JVM through a Java
+/// stand-in with the Kotlin class's native methods: a missing model throws with CoordGen's
+/// message, a chat reply streams to the callback and equals the Rust session's greedy
+/// reply, and a callback returning false cancels. Needs `javac`/`java` (on the development
+/// and CI machines); without them the test says so and checks nothing.
+#[test]
+fn jni_glue_runs_in_a_jvm() {
+    if Command::new("javac").arg("-version").output().map(|o| !o.status.success()).unwrap_or(true) {
+        eprintln!("jni_glue_runs_in_a_jvm: no javac on this machine; the JNI glue was not run");
+        return;
+    }
+    let lib = plugin_dir();
+    assert!(lib.join("libcoordgen_jni.so").is_file(), "build the workspace first (cargo build --workspace)");
+    let dir = temp_dir("jni");
+    let classes = dir.join("classes");
+    let src = repo_path("examples/android-jni/jvm-check/dev/coordgen");
+    let out = Command::new("javac").arg("-d").arg(&classes).arg(src.join("TextCallback.java")).arg(src.join("CoordGen.java")).output().unwrap();
+    assert!(out.status.success(), "javac: {}", String::from_utf8_lossy(&out.stderr));
+    let cfg = dir.join("plugins.toml");
+    std::fs::write(&cfg, format!("target_backend = \"cpu\"\n{}", cpu_entry(2))).unwrap();
+    let model = model_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let run = Command::new("java")
+        .arg(format!("-Djava.library.path={}", lib.display()))
+        .arg("-cp")
+        .arg(&classes)
+        .arg("dev.coordgen.CoordGen")
+        .arg(&cfg)
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "java failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("missing model: ") && stdout.contains("not found"), "{stdout}");
+    assert!(stdout.contains("\"generated_tokens\":16") || stdout.contains("\"finish\":\"stop\""), "{stdout}");
+    assert!(stdout.contains("\"finish\":\"cancelled\""), "{stdout}");
+    assert!(stdout.trim_end().ends_with("ok"), "{stdout}");
+    let reply = stdout.split("<<<").nth(1).and_then(|r| r.split(">>>").next()).unwrap();
+
+    let mut s = Session::open(cpu_backend(2), &model, 1024).unwrap();
+    let text = s.render_chat(&[coordgen::chat::Message::new("user", "What is the capital of France?")], true).unwrap();
+    let prompt = s.tok().encode(&text, true).unwrap();
+    let plain = s.generate(&prompt, &GenerateParams { max_tokens: 16, ..Default::default() }, &mut |_| {}).unwrap();
+    assert_eq!(reply, plain.text, "JNI chat reply vs the Rust session's");
+}
