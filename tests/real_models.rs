@@ -75,6 +75,12 @@ fn gemma3_long_window_matches_reference() {
     let r = perplexity_vs_fixture(cpu_backend(2), "gemma3-270m-ctx1024", MODELS[2].1, None);
     eprintln!("gemma3-270m over 1024 tokens: {r}");
     assert!(r.rel < 0.01 && r.agreement >= 0.95, "{r}");
+    // At 8192 entries its 15 windowed layers keep rings of 2 x 1024 rows, the 3 global
+    // layers all 8192: 37.5% of a full f32 cache (one KV head of 256, keys and values).
+    let s = Session::open(cpu_backend(2), &model_file(MODELS[2].1), 8192).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s.backend().stats_json()).unwrap();
+    let full = 18 * 8192 * 256 * 2 * 4u64;
+    assert_eq!(v["kv_bytes_reserved"].as_u64().unwrap(), (3 * 8192 + 15 * 2048) * 256 * 2 * 4, "of {full} for a full cache");
 }
 
 /// The logits of a position are bit-identical whether computed alone, inside chunks of

@@ -38,9 +38,10 @@ pub enum CoordgenStatus {
 
 /// Why a generation ended.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CoordgenFinish {
     /// An end-of-sequence token or a stop string.
+    #[default]
     Stop = 0,
     /// `max_tokens` reached.
     Length = 1,
@@ -93,12 +94,6 @@ pub struct CoordgenStats {
     /// Tokens produced per verification step (1 without a drafter).
     pub tokens_per_step: f64,
     pub finish: CoordgenFinish,
-}
-
-impl Default for CoordgenFinish {
-    fn default() -> Self {
-        CoordgenFinish::Stop
-    }
 }
 
 /// A loaded model with its KV cache (opaque).
@@ -243,6 +238,8 @@ pub unsafe extern "C" fn coordgen_cancel(s: *const CoordgenSession) {
     }
 }
 
+// Written as negated comparisons so that NaN fails them.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn params(p: &CoordgenParams) -> Result<GenerateParams, (CoordgenStatus, String)> {
     if !(p.temperature >= 0.0) || !(0.0..=1.0).contains(&p.top_p) || !(0.0..=1.0).contains(&p.min_p) || !(p.repeat_penalty > 0.0) {
         return Err(invalid("invalid sampling parameters: need temperature >= 0, 0 <= top_p <= 1, 0 <= min_p <= 1, repeat_penalty > 0"));
