@@ -10,24 +10,21 @@ use std::process::Command;
 use coordgen::engine::{GenerateParams, Session};
 use coordgen_tests::*;
 
-/// Compiles `source` (relative to the repository) against the C API into `dir/name`.
-fn compile_c(source: &str, dir: &Path, name: &str) -> PathBuf {
+/// Compiles `source` (relative to the repository) against the C API into `dir/name`,
+/// linked with the shared library, or with the static one when `static_lib`.
+fn compile_c(source: &str, dir: &Path, name: &str, static_lib: bool) -> PathBuf {
     let lib = plugin_dir();
     assert!(lib.join("libcoordgen_capi.so").is_file(), "build the workspace first (cargo build --workspace)");
     let exe = dir.join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(repo_path("capi/include"))
-        .arg(repo_path(source))
-        .arg("-L")
-        .arg(&lib)
-        .arg("-lcoordgen_capi")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
+    let mut cmd = Command::new(&cc);
+    cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"]).arg(repo_path("capi/include")).arg(repo_path(source));
+    if static_lib {
+        cmd.arg(lib.join("libcoordgen_capi.a")).args(["-lpthread", "-ldl", "-lm"]);
+    } else {
+        cmd.arg("-L").arg(&lib).arg("-lcoordgen_capi").arg(format!("-Wl,-rpath,{}", lib.display()));
+    }
+    let out = cmd.arg("-o").arg(&exe).output().unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?}: {e}"));
     assert!(out.status.success(), "compiling {source} failed:\n{}", String::from_utf8_lossy(&out.stderr));
     exe
 }
@@ -35,7 +32,7 @@ fn compile_c(source: &str, dir: &Path, name: &str) -> PathBuf {
 #[test]
 fn c_program_embeds_the_runtime() {
     let dir = temp_dir("capi");
-    let exe = compile_c("capi/tests/c/embed_test.c", &dir, "embed_test");
+    let exe = compile_c("capi/tests/c/embed_test.c", &dir, "embed_test", false);
 
     let cache = format!("cache_dir = \"{}\"", dir.join("cache").display());
     let config = format!(
@@ -58,13 +55,16 @@ fn c_program_embeds_the_runtime() {
     let plain = s.generate(&prompt, &GenerateParams { max_tokens: 24, ..Default::default() }, &mut |_| {}).unwrap();
     assert_eq!(text, plain.text, "C API (n-gram drafter) vs plain greedy");
 
-    // The example program (examples/c-embed) builds and streams a completion.
-    let example = compile_c("examples/c-embed/main.c", &dir, "c-embed");
-    let run = Command::new(&example).arg("--raw").arg(&cfg).arg(&model).args(["The three primary colors are", "24"]).output().unwrap();
-    let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "c-embed failed:\n{out}\n{err}");
-    assert_eq!(out.trim_end(), plain.text.trim_end(), "c-embed's streamed text");
-    assert!(err.contains("24 tokens") && err.contains("length"), "{err}");
+    // The example program (examples/c-embed) builds, against the shared and against the
+    // static library, and streams the same completion.
+    for static_lib in [false, true] {
+        let example = compile_c("examples/c-embed/main.c", &dir, if static_lib { "c-embed-static" } else { "c-embed" }, static_lib);
+        let run = Command::new(&example).arg("--raw").arg(&cfg).arg(&model).args(["The three primary colors are", "24"]).output().unwrap();
+        let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        assert!(run.status.success(), "c-embed (static: {static_lib}) failed:\n{out}\n{err}");
+        assert_eq!(out.trim_end(), plain.text.trim_end(), "c-embed's streamed text (static: {static_lib})");
+        assert!(err.contains("24 tokens") && err.contains("length"), "{err}");
+    }
 }
 
 /// The Android example's JNI glue (`examples/android-jni`), loaded into a JVM through a Java

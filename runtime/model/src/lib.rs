@@ -92,8 +92,10 @@ pub struct HParams {
     /// Keys a sliding-window layer's query sees: those at positions `p - window + 1 ..= p`
     /// (0: no sliding-window layers).
     pub sliding_window: usize,
-    /// Which layers use the sliding window (all false without one).
-    pub swa_layers: Vec<bool>,
+    /// Every `swa_pattern`-th layer is global, the others use the sliding window (0: no
+    /// windowed layers). A number rather than a per-layer list: the file's layer count is
+    /// only trusted after it has been checked against the tensors.
+    pub swa_pattern: usize,
     /// RoPE base of the sliding-window layers (gemma: 10 000, beside the global 1 000 000).
     pub rope_theta_swa: f32,
     /// Linear RoPE scaling of the global layers (positions divided by it; 1 = none).
@@ -105,7 +107,7 @@ pub struct HParams {
 impl HParams {
     /// Whether layer `l` attends over a sliding window.
     pub fn is_swa(&self, l: usize) -> bool {
-        self.sliding_window > 0 && self.swa_layers.get(l).copied().unwrap_or(false)
+        self.sliding_window > 0 && self.swa_pattern > 0 && !(l + 1).is_multiple_of(self.swa_pattern)
     }
 }
 
@@ -274,7 +276,7 @@ fn hparams_from_gguf(g: &GgufFile) -> Result<HParams> {
         embd_scale: 1.0,
         activation: Activation::Silu,
         sliding_window: 0,
-        swa_layers: vec![false; n_layer],
+        swa_pattern: 0,
         rope_theta_swa: rope_theta,
         rope_linear_factor: 1.0,
         final_softcap: None,
@@ -342,7 +344,7 @@ fn hparams_from_config(c: &serde_json::Value, f: &ModelFile) -> Result<HParams> 
         embd_scale: 1.0,
         activation: Activation::Silu,
         sliding_window: 0,
-        swa_layers: vec![false; n_layer],
+        swa_pattern: 0,
         rope_theta_swa: rope_theta,
         rope_linear_factor: 1.0,
         final_softcap: None,
@@ -363,7 +365,7 @@ fn gemma3_from_gguf(g: &GgufFile, hp: &mut HParams) -> Result<()> {
     if pattern == 0 {
         return Err(ModelError::Config("gemma3.attention.sliding_window_pattern is 0".into()));
     }
-    hp.swa_layers = (0..hp.n_layer).map(|l| hp.sliding_window > 0 && (l + 1) % pattern != 0).collect();
+    hp.swa_pattern = pattern;
     hp.rope_theta_swa = 10000.0;
     match g.get_str(&key("rope.scaling.type")) {
         None | Some("none") => {}
