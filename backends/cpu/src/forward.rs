@@ -47,8 +47,8 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
     for (t, &tok) in batches.iter().flat_map(|b| b.tokens).enumerate() {
         let row = &mut x[t * e..(t + 1) * e];
         ops::get_row(&m.tok_embd, tok as usize, row);
-        if hp.embd_scale != 1.0 {
-            row.iter_mut().for_each(|v| *v *= hp.embd_scale);
+        if hp.extras.embd_scale != 1.0 {
+            row.iter_mut().for_each(|v| *v *= hp.extras.embd_scale);
         }
     }
     let mut xn = vec![0f32; w * e];
@@ -61,6 +61,13 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
     let mut up = vec![0f32; w * hp.n_ff];
     let mut qa = QActs::new();
 
+    // Per batch, each token's first visible cache entry on the sliding-window layers (the
+    // same for all of them, so computed once).
+    let window = hp.extras.sliding_window;
+    let windowed_lo: Vec<Vec<usize>> = batches
+        .iter()
+        .map(|b| if window == 0 { Vec::new() } else { b.positions.iter().map(|&p| (p as usize + 1).saturating_sub(window)).collect() })
+        .collect();
     for (li, l) in m.layers.iter().enumerate() {
         ops::rms_norm(&x, &l.attn_norm, hp.rms_eps, &mut xn);
         qa.quantize_on(Some(pool), &xn, w, e, bits);
@@ -94,15 +101,15 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
             // A sliding-window layer hides keys `window` or more positions back. Cache entry
             // i holds position i (the host keeps the committed sequence in order from 0), so
             // the window over the cache is a first visible entry per token.
-            let window = if swa { hp.sliding_window } else { 0 };
+            let window = if swa { window } else { 0 };
             let in_window = move |t: usize, j: usize| window == 0 || positions[t].saturating_sub(positions[j]) < window as u32;
             let visible = move |t: usize, j: usize| (if mask.is_empty() { j <= t } else { mask[t * n + j] != 0 }) && in_window(t, j);
-            let cache_lo: Vec<usize> = if window == 0 { Vec::new() } else { positions.iter().map(|&p| (p as usize + 1).saturating_sub(window)).collect() };
+            let cache_lo: &[usize] = if swa { &windowed_lo[si] } else { &[] };
             let shape = AttnShape { n_tok: n, n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hd, start, ring: slot.ring(li) };
             let (qs, out) = (&q[r0 * q_dim..r1 * q_dim], &mut attn[r0 * q_dim..r1 * q_dim]);
             match slot.layer(li) {
-                (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, &cache_lo, out),
-                (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, &cache_lo, out),
+                (KvBuf::F32(kc), KvBuf::F32(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, cache_lo, out),
+                (KvBuf::F16(kc), KvBuf::F16(vc)) => attention::attention(pool, isa, &shape, qs, kc, vc, &visible, cache_lo, out),
                 _ => return Err("forward: keys and values of a slot have different types".into()),
             }
         }
@@ -116,7 +123,7 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
         ops::rms_norm(&x, &l.ffn_norm, hp.rms_eps, &mut xn);
         qa.quantize_on(Some(pool), &xn, w, e, bits);
         ops::linear_many(pool, isa, &[&l.w_gate, &l.w_up], &xn, &qa, w, &mut [&mut gate, &mut up]);
-        ops::glu(hp.activation, &mut gate, &up);
+        ops::glu(hp.extras.activation, &mut gate, &up);
         qa.quantize_on(Some(pool), &gate, w, hp.n_ff, bits);
         ops::linear(pool, isa, &l.w_down, &gate, &qa, w, &mut proj);
         if let Some(g) = &l.post_ffn_norm {
@@ -145,7 +152,7 @@ pub fn forward_slots(pool: &ThreadPool, isa: Isa, bits: ActBits, m: &CpuModel, s
     let mut logits = vec![0f32; nr * hp.n_vocab];
     qa.quantize_on(Some(pool), &seln, nr, e, bits);
     ops::linear(pool, isa, &m.output, &seln, &qa, nr, &mut logits);
-    if let Some(cap) = hp.final_softcap {
+    if let Some(cap) = hp.extras.final_softcap {
         logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
     }
     if batches.len() == 1 {
@@ -177,7 +184,7 @@ fn check_window(hp: &coordgen_model::HParams, s: &Slot, b: &Batch<'_>) -> Result
     }
     let (start, n) = (s.len(), b.tokens.len());
     for &p in b.positions {
-        let lo = (p as usize + 1).saturating_sub(hp.sliding_window).min(start);
+        let lo = (p as usize + 1).saturating_sub(hp.extras.sliding_window).min(start);
         if lo < s.intact_from() || start + n - lo > cap {
             return Err(format!(
                 "position {p} (cache of {start} entries) looks back past what the sliding-window layers hold (entries {}.. of a {cap}-entry ring)",

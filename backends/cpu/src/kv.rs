@@ -178,7 +178,7 @@ pub struct Slot {
 impl Slot {
     /// Per layer, the ring capacity a slot of `n_ctx` entries gets (0: none).
     fn rings(m: &CpuModel, n_ctx: usize) -> Vec<usize> {
-        let w = m.hp.sliding_window;
+        let w = m.hp.extras.sliding_window;
         let cap = w + RING_SLACK;
         (0..m.hp.n_layer).map(|l| if m.hp.is_swa(l) && 2 * cap < n_ctx { cap } else { 0 }).collect()
     }
@@ -202,7 +202,7 @@ impl Slot {
             k: ring.iter().map(|&r| KvBuf::new(ty, Self::rows(r, n_ctx) * kv)).collect(),
             v: ring.iter().map(|&r| KvBuf::new(ty, Self::rows(r, n_ctx) * kv)).collect(),
             ring,
-            window: m.hp.sliding_window,
+            window: m.hp.extras.sliding_window,
             intact_from: 0,
         }
     }

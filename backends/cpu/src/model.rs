@@ -191,8 +191,8 @@ impl CpuModel {
         } else {
             matrix(&file, "token_embd.weight", hp.n_vocab, e)?
         };
-        let rope_inv_freq = inv_freq(&hp, hp.rope_theta, hp.rope_linear_factor);
-        let rope_inv_freq_swa = inv_freq(&hp, hp.rope_theta_swa, 1.0);
+        let rope_inv_freq = inv_freq(&hp, hp.rope_theta, hp.extras.rope_linear_factor);
+        let rope_inv_freq_swa = inv_freq(&hp, hp.extras.rope_theta_swa.unwrap_or(hp.rope_theta), 1.0);
         let mut output = output;
         let mut layers = layers;
         let mut weight_bytes = output.bytes() as u64;

@@ -86,6 +86,14 @@ pub struct HParams {
     /// Per-frequency divisors (llama 3.1 long-context scaling), `head_dim / 2` of them.
     pub rope_freq_factors: Option<Vec<f32>>,
     pub n_ctx_train: usize,
+    /// What gemma adds to the llama / qwen block (its defaults elsewhere).
+    pub extras: Extras,
+}
+
+/// Architecture features beyond the llama / qwen decoder block; [`Extras::default`] is that
+/// plain block.
+#[derive(Clone, Debug)]
+pub struct Extras {
     /// Factor on the token embeddings (gemma: `sqrt(n_embd)`; 1 elsewhere).
     pub embd_scale: f32,
     pub activation: Activation,
@@ -96,18 +104,26 @@ pub struct HParams {
     /// windowed layers). A number rather than a per-layer list: the file's layer count is
     /// only trusted after it has been checked against the tensors.
     pub swa_pattern: usize,
-    /// RoPE base of the sliding-window layers (gemma: 10 000, beside the global 1 000 000).
-    pub rope_theta_swa: f32,
+    /// RoPE base of the sliding-window layers (gemma: 10 000, beside the global 1 000 000;
+    /// None: the global base).
+    pub rope_theta_swa: Option<f32>,
     /// Linear RoPE scaling of the global layers (positions divided by it; 1 = none).
     pub rope_linear_factor: f32,
     /// `cap * tanh(logits / cap)` on the output logits when set.
     pub final_softcap: Option<f32>,
 }
 
+impl Default for Extras {
+    fn default() -> Self {
+        Extras { embd_scale: 1.0, activation: Activation::Silu, sliding_window: 0, swa_pattern: 0, rope_theta_swa: None, rope_linear_factor: 1.0, final_softcap: None }
+    }
+}
+
 impl HParams {
     /// Whether layer `l` attends over a sliding window.
     pub fn is_swa(&self, l: usize) -> bool {
-        self.sliding_window > 0 && self.swa_pattern > 0 && !(l + 1).is_multiple_of(self.swa_pattern)
+        let x = &self.extras;
+        x.sliding_window > 0 && x.swa_pattern > 0 && !(l + 1).is_multiple_of(x.swa_pattern)
     }
 }
 
@@ -273,13 +289,7 @@ fn hparams_from_gguf(g: &GgufFile) -> Result<HParams> {
         rope_neox: arch != Arch::Llama,
         rope_freq_factors,
         n_ctx_train: g.get_u64(&key("context_length")).unwrap_or(2048) as usize,
-        embd_scale: 1.0,
-        activation: Activation::Silu,
-        sliding_window: 0,
-        swa_pattern: 0,
-        rope_theta_swa: rope_theta,
-        rope_linear_factor: 1.0,
-        final_softcap: None,
+        extras: Extras::default(),
     };
     if arch == Arch::Gemma3 {
         gemma3_from_gguf(g, &mut hp)?;
@@ -341,13 +351,7 @@ fn hparams_from_config(c: &serde_json::Value, f: &ModelFile) -> Result<HParams> 
         rope_neox: true,
         rope_freq_factors,
         n_ctx_train: c.get("max_position_embeddings").and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
-        embd_scale: 1.0,
-        activation: Activation::Silu,
-        sliding_window: 0,
-        swa_pattern: 0,
-        rope_theta_swa: rope_theta,
-        rope_linear_factor: 1.0,
-        final_softcap: None,
+        extras: Extras::default(),
     };
     validate(&hp)?;
     Ok(hp)
@@ -358,24 +362,24 @@ fn hparams_from_config(c: &serde_json::Value, f: &ModelFile) -> Result<HParams> 
 /// pattern; Gemma 3 uses 6, with a RoPE base of 10 000 on the window layers).
 fn gemma3_from_gguf(g: &GgufFile, hp: &mut HParams) -> Result<()> {
     let key = |k: &str| format!("gemma3.{k}");
-    hp.embd_scale = (hp.n_embd as f32).sqrt();
-    hp.activation = Activation::GeluTanh;
-    hp.sliding_window = g.get_u64(&key("attention.sliding_window")).unwrap_or(0) as usize;
+    hp.extras.embd_scale = (hp.n_embd as f32).sqrt();
+    hp.extras.activation = Activation::GeluTanh;
+    hp.extras.sliding_window = g.get_u64(&key("attention.sliding_window")).unwrap_or(0) as usize;
     let pattern = g.get_u64(&key("attention.sliding_window_pattern")).unwrap_or(6) as usize;
     if pattern == 0 {
         return Err(ModelError::Config("gemma3.attention.sliding_window_pattern is 0".into()));
     }
-    hp.swa_pattern = pattern;
-    hp.rope_theta_swa = 10000.0;
+    hp.extras.swa_pattern = pattern;
+    hp.extras.rope_theta_swa = Some(10000.0);
     match g.get_str(&key("rope.scaling.type")) {
         None | Some("none") => {}
-        Some("linear") => hp.rope_linear_factor = g.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0) as f32,
+        Some("linear") => hp.extras.rope_linear_factor = g.get_f64(&key("rope.scaling.factor")).unwrap_or(1.0) as f32,
         Some(other) => return Err(ModelError::Unsupported(format!("gemma3 rope scaling '{other}' (supported: linear)"))),
     }
-    if !(hp.rope_linear_factor.is_finite() && hp.rope_linear_factor >= 1.0) {
-        return Err(ModelError::Config(format!("gemma3 rope scaling factor {} (must be at least 1)", hp.rope_linear_factor)));
+    if !(hp.extras.rope_linear_factor.is_finite() && hp.extras.rope_linear_factor >= 1.0) {
+        return Err(ModelError::Config(format!("gemma3 rope scaling factor {} (must be at least 1)", hp.extras.rope_linear_factor)));
     }
-    hp.final_softcap = g.get_f64(&key("final_logit_softcapping")).map(|v| v as f32).filter(|v| *v > 0.0);
+    hp.extras.final_softcap = g.get_f64(&key("final_logit_softcapping")).map(|v| v as f32).filter(|v| *v > 0.0);
     if g.get_f64(&key("attn_logit_softcapping")).is_some_and(|v| v > 0.0) {
         return Err(ModelError::Unsupported("gemma3 attention logit soft-capping".into()));
     }
