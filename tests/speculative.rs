@@ -238,6 +238,30 @@ fn greedy_identity_on_gemma3_past_its_window() {
     }
 }
 
+/// On a backend that runs only a few fixed widths (as an NPU's static graphs; the CPU
+/// backend's `widths` option), where the host pads every prefill chunk and verification
+/// tree: greedy output with drafters equals plain decoding on a backend of any width.
+#[test]
+fn greedy_identity_on_a_fixed_width_backend() {
+    let dir = temp_dir("spec-widths");
+    let extra = format!("[[plugin]]\nname = \"retrieval\"\nkind = \"drafter\"\nlibrary = \"{}/libcoordgen_drafter_retrieval.so\"\n", plugin_dir().display());
+    let cfg = config(&dir, &extra);
+    let smol = model_file(SMOL);
+    let mut any = Session::open(cpu_backend(2), &smol, 2048).unwrap();
+    let mut fixed = Session::open(cpu_backend_with(2, "widths = [1, 4, 8, 16, 64]"), &smol, 2048).unwrap();
+    let doc = document();
+    let prompt = chat_prompt(&any, &format!("Here is a text:\n\n{doc}\n\nRepeat its first two sentences exactly."));
+    let plain = run(&mut any, None, &prompt, &greedy(64));
+    assert_eq!(run(&mut fixed, None, &prompt, &greedy(64)).tokens, plain.tokens, "plain decoding, padded prefill");
+    for name in ["ngram", "retrieval"] {
+        let g = run(&mut fixed, Some(plugins::load_drafters(&cfg, name).unwrap()), &prompt, &greedy_fixed(64));
+        assert_eq!(g.tokens, plain.tokens, "{name}, fixed budget (trees of up to 11 nodes, padded to 16)");
+        let st = g.spec.unwrap();
+        assert!(st.drafter_error.is_none() && st.accepted > 0, "{name}: {st:?}");
+        assert_eq!(fixed.backend().slot_len(fixed.slot()).unwrap() as usize, fixed.cached().len(), "no pad entries stay behind");
+    }
+}
+
 /// Proposes, after the pending token, siblings taken from a table of the target's own top
 /// tokens (so they are sometimes accepted, sometimes rejected), one of them with a child.
 struct TableDrafter {

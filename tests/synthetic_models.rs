@@ -360,3 +360,70 @@ fn llama3_rope_scaling_matches_reference() {
     let (ours, _) = backend_logits(&mut b, &hf, &TOKENS);
     assert_close("llama3 rope, safetensors", &ours, &reference, 2e-4);
 }
+
+/// A backend that runs only fixed widths (the CPU backend's `widths` option, as an NPU's
+/// static graphs would) is padded to them by the host: every forward, chunk and tree gives
+/// the logits the backend gives at any width, bit for bit, and the slot never keeps a pad.
+#[test]
+fn fixed_width_backend_is_padded_bit_identically() {
+    use coordgen::plugins::Forward;
+    let dir = temp_dir("synthetic-widths");
+    let spec = Spec::tiny(Arch::Llama);
+    let path = dir.join("llama.gguf");
+    write_gguf(&spec, &random_weights(&spec, 11), GgmlType::Q8_0, &path);
+
+    // The plugin itself refuses unlisted widths (the host never sends one: see below).
+    let lib = plugin_dir().join("libcoordgen_backend_cpu.so");
+    let mut raw = coordgen_interface::load_backend_library(&lib, r#"{"threads": 1, "widths": [1, 5, 20]}"#).unwrap();
+    let caps = raw.capabilities().unwrap();
+    assert_eq!(caps.widths.as_slice(), &[1, 5, 20]);
+    let m = raw.load_model(&coordgen_interface::LoadRequest { path: path.display().to_string().into(), options_json: Default::default() }).unwrap();
+    let slot = raw.create_slot(m.handle, 64).unwrap();
+    let batch = coordgen_interface::ForwardBatch { slot, tokens: vec![1, 2, 3].into(), positions: vec![0, 1, 2].into(), mask: Default::default(), logit_rows: vec![2].into() };
+    let err = raw.forward(&batch).into_result().unwrap_err().to_string();
+    assert!(err.contains("runs only the widths [1, 5, 20]"), "{err}");
+    let err = coordgen_interface::load_backend_library(&lib, r#"{"widths": [0, 4]}"#).err().expect("a zero width is refused");
+    assert!(err.contains("widths must list widths from 1"), "{err}");
+
+    let mut fixed = Session::open(cpu_backend_with(2, "widths = [1, 5, 20]"), &path, 256).unwrap();
+    let caps = fixed.backend().capabilities();
+    assert!(caps.widths.is_empty() && caps.max_width == 20, "the host sees a backend of any width up to 20: {caps:?}");
+    // Widths 3, 8, 16 and 33 (split into 20 + 13) are padded; the tree of 16 nodes gets a
+    // widened mask.
+    check_batch_invariance(&mut fixed, "fixed widths [1, 5, 20]");
+
+    let mut any = Session::open(cpu_backend(2), &path, 256).unwrap();
+    let toks: Vec<u32> = (0..47u32).map(|i| (i * 37 + 11) % spec.n_vocab as u32).collect();
+    let rows: Vec<u32> = vec![46, 0, 19, 20, 33];
+    fixed.truncate(0).unwrap();
+    let a = fixed.append(&toks, &rows).unwrap();
+    let b = any.append(&toks, &rows).unwrap();
+    assert_eq!(bits(&a), bits(&b), "a 47-token causal batch in three padded pieces, rows out of order");
+    assert_eq!(fixed.backend().slot_len(fixed.slot()).unwrap(), 47, "no pad entry stays in the slot");
+
+    // A tree wider than the widest graph cannot be split: refused, the slot unchanged.
+    let w = 21;
+    let mask: Vec<u8> = (0..w * w).map(|k| u8::from(k % w <= k / w)).collect();
+    let pos: Vec<u32> = (47..47 + w as u32).collect();
+    let err = fixed.forward(&toks[..w], &pos, &mask, &[0]).unwrap_err().to_string();
+    assert!(err.contains("wider than this backend's widest graph (20)"), "{err}");
+    assert_eq!(fixed.backend().slot_len(fixed.slot()).unwrap(), 47);
+    assert_eq!(fixed.cached().len(), 47);
+
+    // Merged forwards of several slots (the server's batching) go one slot at a time.
+    let mut b = cpu_backend_with(2, "widths = [1, 5, 20]");
+    let m = b.load_model(&path).unwrap();
+    let (s1, s2) = (b.create_slot(m.handle, 64).unwrap(), b.create_slot(m.handle, 64).unwrap());
+    let outs = b
+        .forward_slots(&[
+            Forward { slot: s1, tokens: &toks[..3], positions: &[0, 1, 2], mask: &[], logit_rows: &[2] },
+            Forward { slot: s2, tokens: &toks[..7], positions: &[0, 1, 2, 3, 4, 5, 6], mask: &[], logit_rows: &[6] },
+        ])
+        .unwrap();
+    any.truncate(0).unwrap();
+    let alone = any.append(&toks[..7], &[2, 6]).unwrap();
+    let nv = spec.n_vocab;
+    assert_eq!(bits(&outs[0]), bits(&alone[..nv]));
+    assert_eq!(bits(&outs[1]), bits(&alone[nv..]));
+    assert_eq!((b.slot_len(s1).unwrap(), b.slot_len(s2).unwrap()), (3, 7));
+}

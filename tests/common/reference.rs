@@ -126,7 +126,6 @@ pub fn backend_logits(b: &mut Box<dyn Backend>, path: &Path, tokens: &[u32]) -> 
     let rows = pos.clone();
     let out = b.forward(&Forward { slot, tokens, positions: &pos, mask: &[], logit_rows: &rows }).unwrap();
     b.free_slot(slot).unwrap();
-    b.unload_model(m.handle).unwrap();
     (out.chunks(m.n_vocab).map(|c| c.to_vec()).collect(), m.n_vocab)
 }
 

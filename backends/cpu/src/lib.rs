@@ -57,6 +57,10 @@ struct Options {
     /// Caps the memory the backend allocates (repacked weights and KV slots), in MiB.
     /// Without it, each allocation is checked against the memory available at the time.
     memory_budget_mb: Option<u64>,
+    /// Runs only forwards of these widths, like an NPU's precompiled graphs, and lists them
+    /// in the capabilities (the host then pads every batch to one of them). For testing
+    /// the host's static-width path on the CPU; the results are those of any width.
+    widths: Option<Vec<u32>>,
 }
 
 pub struct CpuBackend {
@@ -66,6 +70,8 @@ pub struct CpuBackend {
     kv_type: KvType,
     /// Cap on what the backend allocates, in bytes (`memory_budget_mb`).
     memory_budget: Option<u64>,
+    /// The only forward widths accepted (empty: any up to [`MAX_WIDTH`]), ascending.
+    widths: Vec<u32>,
     models: HashMap<u64, Arc<CpuModel>>,
     slots: HashMap<u32, Slot>,
     next_model: u64,
@@ -87,6 +93,7 @@ impl CpuBackend {
             act_bits: ActBits::Eight,
             kv_type: KvType::F32,
             memory_budget: None,
+            widths: Vec::new(),
             models: HashMap::new(),
             slots: HashMap::new(),
             next_model: 1,
@@ -107,6 +114,14 @@ impl CpuBackend {
             Some(other) => return Err(format!("cpu backend options: activation_bits must be 15 or 8, not {other}")),
         };
         b.memory_budget = opts.memory_budget_mb.map(|m| m.saturating_mul(1 << 20));
+        if let Some(mut w) = opts.widths {
+            w.sort_unstable();
+            w.dedup();
+            if w.is_empty() || w[0] == 0 || w[w.len() - 1] > MAX_WIDTH {
+                return Err(format!("cpu backend options: widths must list widths from 1 to {MAX_WIDTH}, not {w:?}"));
+            }
+            b.widths = w;
+        }
         if let Some(t) = &opts.kv_type {
             b.kv_type = KvType::parse(t).map_err(|e| format!("cpu backend options: {e}"))?;
         }
@@ -126,6 +141,14 @@ impl CpuBackend {
         self.models.get(&id).ok_or_else(|| format!("no model with handle {id}"))
     }
 
+    /// Refuses a width the `widths` option does not list.
+    fn check_width(&self, w: usize) -> Result<(), String> {
+        if !self.widths.is_empty() && !self.widths.contains(&(w as u32)) {
+            return Err(format!("a forward of {w} tokens, but this backend runs only the widths {:?} (option `widths`)", self.widths));
+        }
+        Ok(())
+    }
+
     fn slot(&mut self, id: u32) -> Result<&mut Slot, String> {
         self.slots.get_mut(&id).ok_or_else(|| format!("no KV slot {id}"))
     }
@@ -137,10 +160,9 @@ impl BackendImpl for CpuBackend {
         BackendCaps {
             weight_types: GgmlType::ALL.iter().map(|t| RString::from(t.name())).collect(),
             kv_types: RVec::from(vec![RString::from(self.kv_type.name())]),
-            widths: RVec::new(),
+            widths: RVec::from(self.widths.clone()),
             max_width: MAX_WIDTH,
             max_context: 0,
-            width_switch_cost_us: 0,
             batch_invariant: true,
             threads: self.pool.threads() as u32,
         }
@@ -173,13 +195,6 @@ impl BackendImpl for CpuBackend {
         };
         self.models.insert(id, Arc::new(m));
         Ok(desc)
-    }
-
-    fn unload_model(&mut self, id: u64) -> Result<(), String> {
-        if self.slots.values().any(|s| s.model() == id) {
-            return Err(format!("model {id} still has KV slots; free them first"));
-        }
-        self.models.remove(&id).map(|_| ()).ok_or_else(|| format!("no model with handle {id}"))
     }
 
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {
@@ -230,6 +245,7 @@ impl BackendImpl for CpuBackend {
         if batch.tokens.len() > MAX_WIDTH as usize {
             return Err(format!("batch of {} tokens exceeds the maximum width {MAX_WIDTH}", batch.tokens.len()));
         }
+        self.check_width(batch.tokens.len())?;
         let s = self.slots.get_mut(&slot).ok_or_else(|| format!("no KV slot {slot}"))?;
         let m = self.models.get(&s.model()).ok_or_else(|| format!("slot {slot} refers to an unloaded model"))?;
         forward::forward(&self.pool, self.isa, self.act_bits, m, s, batch)
@@ -240,6 +256,9 @@ impl BackendImpl for CpuBackend {
         let total: usize = batches.iter().map(|b| b.tokens.len()).sum();
         if total > MAX_WIDTH as usize {
             return Err(format!("batches of {total} tokens in all exceed the maximum width {MAX_WIDTH}"));
+        }
+        for b in batches {
+            self.check_width(b.tokens.len())?;
         }
         // The slots leave the map for the call, so each is borrowed once; all go back after.
         let mut taken: Vec<(u32, Slot)> = Vec::with_capacity(ids.len());

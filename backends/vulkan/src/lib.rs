@@ -91,7 +91,6 @@ impl BackendImpl for VulkanBackend {
             widths: RVec::new(),
             max_width: MAX_WIDTH as u32,
             max_context: 0,
-            width_switch_cost_us: 0,
             batch_invariant: true,
             threads: 1,
         }
@@ -114,14 +113,6 @@ impl BackendImpl for VulkanBackend {
         self.models.insert(id, m);
         self.work.insert(id, Work::default());
         Ok(desc)
-    }
-
-    fn unload_model(&mut self, id: u64) -> Result<(), String> {
-        if self.slots.values().any(|s| s.model == id) {
-            return Err(format!("model {id} still has KV slots; free them first"));
-        }
-        self.work.remove(&id);
-        self.models.remove(&id).map(|_| ()).ok_or_else(|| format!("no model with handle {id}"))
     }
 
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String> {

@@ -79,6 +79,12 @@ pub fn create(options: &str) -> Result<ModelDrafter, String> {
         bopts.insert("threads".into(), t.into());
     }
     let mut backend = load_backend_library(&lib, &serde_json::Value::Object(bopts).to_string())?;
+    // The drafter sends one token at a time and prompt chunks of any width; the host's
+    // padding for backends of fixed widths does not reach inside a plugin.
+    let caps = backend.capabilities().into_result().map_err(|e| format!("draft model backend: {e}"))?;
+    if !caps.widths.is_empty() {
+        return Err(format!("model drafter: its backend runs only the widths {:?}; a draft model needs a backend of any width (e.g. backend = \"cpu\")", caps.widths.as_slice()));
+    }
     let desc = backend
         .load_model(&LoadRequest { path: opts.model.display().to_string().into(), options_json: Default::default() })
         .into_result()

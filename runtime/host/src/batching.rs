@@ -236,9 +236,6 @@ impl Backend for SharedBackend {
     fn load_model(&mut self, path: &Path) -> PResult<ModelInfo> {
         self.with(|b| b.load_model(path))
     }
-    fn unload_model(&mut self, model: u64) -> PResult<()> {
-        self.with(|b| b.unload_model(model))
-    }
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> PResult<u32> {
         self.with(|b| b.create_slot(model, n_ctx))
     }

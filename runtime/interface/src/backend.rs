@@ -6,11 +6,11 @@
 //! - **GPU**: weights and KV cache resident in device memory; only token ids, positions,
 //!   the mask and the requested logit rows cross per call, so nothing large moves.
 //! - **NPU**: precompiled static-shape graphs of a few fixed token widths. Such a backend
-//!   is to list them in [`BackendCaps::widths`] and what changing between graphs costs in
-//!   [`BackendCaps::width_switch_cost_us`]. The host does not read either field yet: it
-//!   sends any width up to `max_width`, so until the placement work makes it pad batches
-//!   to a listed width, a fixed-width backend must pad inside the plugin (no backend in
-//!   this repository has fixed widths).
+//!   lists them in [`BackendCaps::widths`]; the host then pads every batch to a listed
+//!   width with tokens no real row sees and drops their entries after the call (so a slot
+//!   needs room for the widest pad), and splits a causal batch wider than the widest
+//!   graph. Changing graphs costs time: the host's calibration times every width after a
+//!   different one, so that cost is in the widths' measured latencies.
 //!
 //! KV cache model: a *slot* is one sequence's cache with a fill count `len`. A forward
 //! appends its `W` tokens at cache entries `len..len+W` (whatever their positions are) and
@@ -33,14 +33,14 @@ pub struct BackendCaps {
     pub weight_types: RVec<RString>,
     /// KV cache element types it supports, e.g. `f32`, `f16`.
     pub kv_types: RVec<RString>,
-    /// Token widths a forward may have. Empty means any width up to `max_width`.
+    /// Token widths a forward may have, ascending. Empty means any width up to `max_width`.
+    /// The host pads each batch to the smallest listed width that holds it (and splits a
+    /// causal batch wider than the widest), so such a backend only ever sees listed widths.
     pub widths: RVec<u32>,
     /// Largest batch width of one forward.
     pub max_width: u32,
     /// Largest context (slot capacity) it can allocate; 0 means bounded only by memory.
     pub max_context: u32,
-    /// Microseconds to switch between width-specialised graphs (0 for dynamic backends).
-    pub width_switch_cost_us: u64,
     /// Whether logits of a row are bit-identical whatever batch it is computed in.
     /// Lossless greedy speculative decoding relies on this.
     pub batch_invariant: bool,
@@ -108,8 +108,6 @@ pub trait BackendFfi: Send {
     fn set_threads(&mut self, n: u32) -> RResult<(), RString>;
 
     fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString>;
-
-    fn unload_model(&mut self, model: u64) -> RResult<(), RString>;
 
     /// Allocates an empty KV slot of `n_ctx` entries for `model`.
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> RResult<u32, RString>;

@@ -31,7 +31,6 @@ pub trait BackendImpl: Send + 'static {
         Ok(())
     }
     fn load_model(&mut self, path: &str) -> Result<ModelDesc, String>;
-    fn unload_model(&mut self, model: u64) -> Result<(), String>;
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> Result<u32, String>;
     fn free_slot(&mut self, slot: u32) -> Result<(), String>;
     fn slot_len(&self, slot: u32) -> Result<u32, String>;
@@ -61,9 +60,6 @@ impl<T: BackendImpl> BackendFfi for GuardedBackend<T> {
     }
     fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString> {
         guard(|| self.0.load_model(req.path.as_str()))
-    }
-    fn unload_model(&mut self, model: u64) -> RResult<(), RString> {
-        guard(|| self.0.unload_model(model))
     }
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> RResult<u32, RString> {
         guard(|| self.0.create_slot(model, n_ctx))

@@ -37,7 +37,9 @@ use abi_stable::StableAbi;
 /// 5: every method returns `RResult` (`capabilities`, `stats_json`, `vocabulary` and
 ///    `calibration_top_k` did not, so a panic in them could not be caught and turned into
 ///    an error).
-pub const INTERFACE_VERSION: u32 = 5;
+/// 6: `unload_model` and `BackendCaps::width_switch_cost_us` removed (the host never called or
+///    read them); the host now honours `BackendCaps::widths` (it pads batches to them).
+pub const INTERFACE_VERSION: u32 = 6;
 
 /// What kind of plugin a library holds.
 #[repr(u8)]

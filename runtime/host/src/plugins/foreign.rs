@@ -29,7 +29,6 @@ pub(super) fn caps_of(c: BackendCaps) -> Capabilities {
         widths: c.widths.to_vec(),
         max_width: c.max_width,
         max_context: c.max_context,
-        width_switch_cost_us: c.width_switch_cost_us,
         batch_invariant: c.batch_invariant,
         threads: c.threads,
     }
@@ -104,11 +103,6 @@ impl Backend for ForeignBackend {
             weight_bytes: d.weight_bytes,
             extra_bytes: d.extra_bytes,
         })
-    }
-    fn unload_model(&mut self, model: u64) -> PResult<()> {
-        let r = self.obj.unload_model(model);
-        self.models.remove(&model);
-        self.call(r)
     }
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> PResult<u32> {
         let r = self.obj.create_slot(model, n_ctx);

@@ -8,6 +8,7 @@ use abi_stable::library::{lib_header_from_path, LibHeader, RootModule};
 use abi_stable::std_types::{RResult, RStr, RString};
 use coordgen_interface::{BackendBox, BackendModRef, DrafterBox, DrafterModRef, PluginInfo, SchedulerBox, SchedulerModRef, INTERFACE_VERSION};
 
+use super::fixed_widths::FixedWidths;
 use super::foreign::{call, caps_of, ForeignBackend, ForeignDrafter};
 use super::options::drafter_options;
 use super::traits::{Backend, Drafter, PResult, PluginError};
@@ -165,7 +166,7 @@ pub fn load_backend(cfg: &PluginsConfig, name: &str) -> PResult<(Box<dyn Backend
     let identity = format!("{}:{}:{size}:{mtime}:{options}", entry.name, path.display());
     let caps = call(&entry.name, obj.capabilities()).map_err(|e| load_err(name, format!("could not report its capabilities: {e}")))?;
     let b = ForeignBackend::new(entry.name.clone(), identity, obj, caps_of(caps));
-    Ok((Box::new(b), info))
+    Ok((FixedWidths::wrap(Box::new(b))?, info))
 }
 
 /// Loads a drafter plugin named in the config.

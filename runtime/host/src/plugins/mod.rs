@@ -1,8 +1,10 @@
 //! Plugins: the native traits the engine uses (`traits`), loading libraries named in
 //! `plugins.toml` with abi_stable on top of libloading (`loader`), the host-side adapters
-//! over the FFI objects (`foreign`), and the options a drafter starts with (`options`).
-//! Only `loader` and `foreign` see FFI types.
+//! over the FFI objects (`foreign`), the padding a backend of fixed widths needs
+//! (`fixed_widths`), and the options a drafter starts with (`options`). Only `loader` and
+//! `foreign` see FFI types.
 
+mod fixed_widths;
 mod foreign;
 mod loader;
 mod options;

@@ -23,7 +23,6 @@ pub struct Capabilities {
     pub widths: Vec<u32>,
     pub max_width: u32,
     pub max_context: u32,
-    pub width_switch_cost_us: u64,
     pub batch_invariant: bool,
     pub threads: u32,
 }
@@ -60,7 +59,6 @@ pub trait Backend: Send {
     fn capabilities(&self) -> Capabilities;
     fn set_threads(&mut self, n: u32) -> PResult<()>;
     fn load_model(&mut self, path: &Path) -> PResult<ModelInfo>;
-    fn unload_model(&mut self, model: u64) -> PResult<()>;
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> PResult<u32>;
     fn free_slot(&mut self, slot: u32) -> PResult<()>;
     fn slot_len(&self, slot: u32) -> PResult<u32>;

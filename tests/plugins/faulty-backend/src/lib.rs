@@ -56,9 +56,6 @@ impl BackendFfi for Faulty {
     fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString> {
         self.inner.load_model(req)
     }
-    fn unload_model(&mut self, model: u64) -> RResult<(), RString> {
-        self.inner.unload_model(model)
-    }
     fn create_slot(&mut self, model: u64, n_ctx: u32) -> RResult<u32, RString> {
         self.inner.create_slot(model, n_ctx)
     }

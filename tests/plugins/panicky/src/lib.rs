@@ -17,7 +17,6 @@ impl BackendFfi for Panicky {
             widths: RVec::new(),
             max_width: 1,
             max_context: 1,
-            width_switch_cost_us: 0,
             batch_invariant: false,
             threads: 1,
         })
@@ -27,9 +26,6 @@ impl BackendFfi for Panicky {
     }
     fn load_model(&mut self, req: &LoadRequest) -> RResult<ModelDesc, RString> {
         guard(|| panic!("cannot load {}", req.path))
-    }
-    fn unload_model(&mut self, _: u64) -> RResult<(), RString> {
-        guard(|| Ok(()))
     }
     fn create_slot(&mut self, _: u64, _: u32) -> RResult<u32, RString> {
         guard(|| Ok(1))
