@@ -126,6 +126,40 @@ fn responses_equal_generate_stream_and_reuse_the_prompt_cache() {
     assert!(log.lines().any(|l| l.contains("request done") && l.contains(&format!("cached_tokens={cached}"))), "{log}");
 }
 
+/// A request about the document another slot is busy answering copies that slot's prompt
+/// entries instead of prefilling them, and answers what plain greedy decoding answers.
+#[test]
+fn busy_slots_share_their_prompt_prefix() {
+    let _g = serial();
+    let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap()[..1500].to_string();
+    let ask = format!("Here is a text:\n\n{doc}\n\nRepeat it word for word.");
+    let reference = generate_cli(&config(), &["--chat", "-p", &ask, "--max-tokens", "24"]);
+    let s = Server::start(&config(), &["-m", &smollm2(), "-t", "2", "--parallel", "2", "--alias", "smollm2"], &cache(), &[("COORDGEN_LOG", "info")]);
+    // The first client streams a long answer; once its first piece arrives its prompt is
+    // in its slot's cache, and the second client asks the same while it is still busy.
+    let body = chat_body(&[("user", ask.as_str())], 256, true).to_string();
+    let mut first = send(&s.addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], body.as_bytes());
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // (The first event, the assistant role, may come before the prefill.)
+    while String::from_utf8_lossy(&seen).matches("\"content\"").count() < 2 {
+        let n = std::io::Read::read(&mut first, &mut buf).unwrap();
+        assert!(n > 0, "the first stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let v = s.post("/v1/chat/completions", &chat_body(&[("user", ask.as_str())], 24, false)).json();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut first, &mut rest).unwrap();
+    assert_eq!(text_of(&v), reference, "the answer over copied entries differs from plain greedy decoding");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(prompt > 300 && cached == prompt - 1, "only {cached} of {prompt} prompt tokens came from the busy slot: {v}");
+    let log = s.log();
+    let copied = format!("copied_from_other_slot={}", prompt - 1);
+    assert!(log.lines().filter(|l| l.contains("request done")).any(|l| l.contains(&copied)), "{log}");
+    assert_eq!(s.get("/health").json()["slots_idle"], 2);
+}
+
 /// 32 clients at once against 4 slots and a queue of 8: every request completes or gets a
 /// 503 with Retry-After, and each completed one has exactly its solo output.
 #[test]

@@ -70,6 +70,19 @@ pub struct GenerateParams {
     /// Longest a drafter may take over one proposal before it is abandoned and the request
     /// goes on with plain decoding (None: `COORDGEN_DRAFT_TIMEOUT_MS`, or 10 s).
     pub draft_timeout: Option<std::time::Duration>,
+    /// Called once the prompt is in the KV cache, before the first token is decoded (the
+    /// server then offers the slot's prompt to other slots; see `server::slots`).
+    pub on_prefilled: Option<PrefillHook>,
+}
+
+/// A callback given the prompt whose KV entries the session's slot now holds.
+#[derive(Clone)]
+pub struct PrefillHook(pub Arc<dyn Fn(&[u32]) + Send + Sync>);
+
+impl std::fmt::Debug for PrefillHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrefillHook")
+    }
 }
 
 impl Default for GenerateParams {
@@ -85,6 +98,7 @@ impl Default for GenerateParams {
             draft_budget: None,
             techniques: Techniques::default(),
             draft_timeout: None,
+            on_prefilled: None,
         }
     }
 }

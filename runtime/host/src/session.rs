@@ -213,6 +213,31 @@ impl Session {
         Ok(())
     }
 
+    /// Makes the cache hold `tokens`, copying their KV entries from the first
+    /// `tokens.len()` entries of `src`, another slot of this model on this backend that holds
+    /// them (`copy_prefix`). The caller vouches for what `src` holds. On an error the cache
+    /// is dropped (the next prefill recomputes).
+    pub fn copy_prefix_from(&mut self, src: u32, tokens: &[u32]) -> Result<()> {
+        let own = self.common_prefix(tokens);
+        let n = u32::try_from(tokens.len()).map_err(|_| anyhow!("a prefix of {} tokens is more than a slot holds", tokens.len()))?;
+        if tokens.len() >= self.n_ctx {
+            bail!("a prefix of {} tokens does not fit a context of {}", tokens.len(), self.n_ctx);
+        }
+        match self.backend.copy_prefix(src, self.slot, n) {
+            Ok(()) => {
+                self.cached = tokens.to_vec();
+                // Predictions past the tokens this cache shared with `tokens` were made for
+                // other tokens; `src`'s own predictions stay with its session.
+                self.predictions.truncate_positions(own as u32);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.reset();
+                Err(e.into())
+            }
+        }
+    }
+
     /// Drops the cache.
     pub fn reset(&mut self) -> Result<()> {
         self.truncate(0)?;

@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 
 use super::api::{self, ApiError, Input, Request};
 use super::Served;
-use crate::engine::{GenerateParams, Generation};
+use crate::engine::{GenerateParams, Generation, PrefillHook};
 
 pub async fn chat(State(st): State<Arc<Served>>, headers: HeaderMap, body: Body) -> Response {
     complete(st, headers, body, true).await.unwrap_or_else(IntoResponse::into_response)
@@ -238,6 +238,10 @@ fn spawn_generate(
         let _span = tracing::info_span!("request", id, prompt_tokens = prompt.len()).entered();
         let active = st.batcher.active();
         st.ensure_drafter(&mut lease.session);
+        let copied = st.pool.adopt_shared_prefix(&mut lease.session, &prompt);
+        let mut params = params;
+        let (pool, slot) = (st.clone(), lease.session.slot());
+        params.on_prefilled = Some(PrefillHook(Arc::new(move |p: &[u32]| pool.pool.publish(slot, p))));
         let cancel = params.cancel.clone();
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             lease.session.generate(&prompt, &params, &mut |piece| {
@@ -263,6 +267,7 @@ fn spawn_generate(
                 id,
                 prompt_tokens = g.timings.prompt_tokens,
                 cached_tokens = g.timings.prompt_tokens - g.timings.prefill_tokens,
+                copied_from_other_slot = copied,
                 generated = g.timings.generated_tokens,
                 tokens_per_s = format!("{:.1}", g.timings.decode_tps()),
                 accepted_per_step = format!("{:.2}", g.spec.as_ref().map(|s| s.mean_accepted).unwrap_or(0.0)),

@@ -3,6 +3,13 @@
 //! busy, and the choice of slot: the idle one whose cache shares the longest prefix with the
 //! request's prompt, so a chat's next turn or the same document asked about again lands
 //! where its tokens are cached.
+//!
+//! Prefix sharing across slots: a busy slot publishes its prompt once it is prefilled, and a
+//! request whose prompt shares a longer prefix with a published one than with its own slot's
+//! cache copies those KV entries (`copy_prefix`) instead of computing them, so clients
+//! asking about the same document at about the same time prefill it once. A busy slot never
+//! shrinks below its prompt until it is handed back, and [`Pool::put`] withdraws the prompt
+//! under the lock a copy holds, so a copy always reads entries that hold what was published.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,8 +18,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::Session;
 
+/// Fewest tokens worth copying from another slot (below this, computing them is as cheap).
+const MIN_SHARED: usize = 16;
+
 pub struct Pool {
     idle: Mutex<Vec<(u64, Session)>>,
+    /// Busy slots' prompts, whose KV entries the slots hold (see the module header).
+    published: Mutex<Vec<(u32, Arc<[u32]>)>>,
     permits: Arc<Semaphore>,
     waiting: AtomicUsize,
     /// Requests that may wait for a slot; beyond them a request is refused.
@@ -44,6 +56,7 @@ impl Pool {
         let total = sessions.len();
         Pool {
             idle: Mutex::new(sessions.into_iter().map(|s| (0, s)).collect()),
+            published: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(total)),
             waiting: AtomicUsize::new(0),
             queue,
@@ -90,8 +103,47 @@ impl Pool {
         Ok(Lease { session, _permit: permit })
     }
 
+    /// Offers `prompt` (whose KV entries `slot`, a busy slot, now holds) to other requests.
+    pub fn publish(&self, slot: u32, prompt: &[u32]) {
+        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|(s, _)| *s != slot);
+        p.push((slot, prompt.into()));
+    }
+
+    /// Before `session` prefills `prompt`: if a busy slot's published prompt shares at least
+    /// [`MIN_SHARED`] more leading tokens with it than the session's cache does, copies
+    /// those entries into the session's slot. Returns the tokens copied (0: none). A failed
+    /// copy leaves the session with an empty cache (the prefill then computes everything).
+    pub fn adopt_shared_prefix(&self, session: &mut Session, prompt: &[u32]) -> usize {
+        let own = session.common_prefix(prompt);
+        // Held through the copy: the source cannot be handed back (and reused) meanwhile.
+        let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let best = published
+            .iter()
+            .filter(|(s, _)| *s != session.slot())
+            .map(|(s, p)| (*s, p, p.iter().zip(prompt).take_while(|(a, b)| a == b).count()))
+            .max_by_key(|x| x.2);
+        // Leave the prompt's last token to the prefill (it needs that token's logits).
+        let Some((src, tokens, n)) = best.map(|(s, p, n)| (s, p, n.min(prompt.len().saturating_sub(1)))) else { return 0 };
+        if n < own + MIN_SHARED {
+            return 0;
+        }
+        match session.copy_prefix_from(src, &tokens[..n]) {
+            Ok(()) => {
+                tracing::debug!(from = src, to = session.slot(), tokens = n, "copied a shared prompt prefix");
+                n
+            }
+            Err(e) => {
+                tracing::warn!(from = src, to = session.slot(), error = %e, "could not copy a shared prompt prefix; prefilling it");
+                0
+            }
+        }
+    }
+
     /// Gives the slot back (its cache kept for the next request).
     pub fn put(&self, lease: Lease) {
+        // Withdrawn first: once idle, the slot may be taken and its cache cut.
+        self.published.lock().unwrap_or_else(|e| e.into_inner()).retain(|(s, _)| *s != lease.session.slot());
         let used = self.uses.fetch_add(1, Ordering::SeqCst) as u64;
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).push((used, lease.session));
         // The permit drops after the session is back, so a woken request finds it.

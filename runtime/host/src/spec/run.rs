@@ -57,6 +57,9 @@ impl Session {
             Ok(x) => x,
             Err(e) => return dec.abandon(e),
         };
+        if let Some(hook) = &p.on_prefilled {
+            (hook.0)(prompt);
+        }
         let timings = Timings { prompt_tokens: prompt.len(), prefill_tokens: computed, prefill_ms: t0.elapsed().as_secs_f64() * 1e3, ..Default::default() };
         let t1 = Instant::now();
         let r = dec.decode(&logits, on_text);
