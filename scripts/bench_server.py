@@ -10,6 +10,10 @@ standard library only.
 
   scripts/bench_server.py --serve "-m qwen-1.5b -t 2 --parallel 8" --clients 1,2,4,8
   scripts/bench_server.py --url http://127.0.0.1:8081 --clients 1,2,4,8 --label llama-server
+
+--shared-doc: in each round every client asks its own question about one document (a new
+one per round), the case where a server's slots can share the document's prefill; compare
+`--serve "... --no-prefix-sharing"` for the same run without sharing.
 """
 
 import argparse
@@ -79,16 +83,26 @@ def one_request(url, prompt, max_tokens, model):
     return first - t0, end - t0, tokens, max(end - first, 1e-9)
 
 
-def run_round(url, prompts, clients, per_client, max_tokens, model, nonce):
-    """`clients` threads, each sending `per_client` requests one after another."""
+QUESTIONS = ["Summarize it in two sentences.", "What is the main point?", "List three facts from it.",
+             "Who is it about?", "Give it a title.", "What happens first?", "What numbers does it give?",
+             "Explain it to a child."]
+
+
+def run_round(url, prompts, clients, per_client, max_tokens, model, nonce, shared_doc=None):
+    """`clients` threads, each sending `per_client` requests one after another (with
+    `shared_doc`, each asks its own question about that document)."""
     results, errors = [], []
     lock = threading.Lock()
 
     def client(ci):
         for k in range(per_client):
-            p = prompts[(ci * per_client + k) % len(prompts)]
-            # A unique first line: no request finds its prompt cached from an earlier round.
-            text = f"(request {nonce}-{ci}-{k})\n{p['prompt']}"
+            if shared_doc is not None:
+                # The round's nonce first: the document is new to the server each round.
+                text = f"(round {nonce})\n{shared_doc}\n\nQuestion: {QUESTIONS[(ci * per_client + k) % len(QUESTIONS)]}"
+            else:
+                p = prompts[(ci * per_client + k) % len(prompts)]
+                # A unique first line: no request finds its prompt cached from an earlier round.
+                text = f"(request {nonce}-{ci}-{k})\n{p['prompt']}"
             try:
                 r = one_request(url, text, max_tokens, model)
                 with lock:
@@ -148,6 +162,7 @@ def main():
     ap.add_argument("--model", default="default")
     ap.add_argument("--label", default="coordgen")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--shared-doc", action="store_true", help="all clients of a round ask about one document (see above)")
     a = ap.parse_args()
     prompts = load_prompts(a.prompts, a.max_prompt_chars, a.limit)
     if not prompts:
@@ -176,7 +191,11 @@ def main():
         table = []
         base = None
         for c in [int(x) for x in a.clients.split(",")]:
-            rounds = [run_round(url, prompts, c, a.per_client, a.max_tokens, a.model, f"{c}-{r}") for r in range(a.runs)]
+            rounds = [
+                run_round(url, prompts, c, a.per_client, a.max_tokens, a.model, f"{c}-{r}",
+                          prompts[(c * a.runs + r) % len(prompts)]["prompt"] if a.shared_doc else None)
+                for r in range(a.runs)
+            ]
             row = {
                 "clients": c,
                 "aggregate_tps": statistics.median(r["aggregate_tps"] for r in rounds),

@@ -122,7 +122,7 @@ fn responses_equal_generate_stream_and_reuse_the_prompt_cache() {
     assert!(fresh["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() < 4, "{fresh}");
     assert_eq!(text_of(&fresh), text_of(&t2), "the cached second turn differs from a fresh one");
     // One log line per request at COORDGEN_LOG=info.
-    let log = with.log();
+    let log = with.wait_log(&format!("cached_tokens={cached}"), 1, Duration::from_secs(30));
     assert!(log.lines().any(|l| l.contains("request done") && l.contains(&format!("cached_tokens={cached}"))), "{log}");
 }
 
@@ -154,10 +154,47 @@ fn busy_slots_share_their_prompt_prefix() {
     let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
     let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     assert!(prompt > 300 && cached == prompt - 1, "only {cached} of {prompt} prompt tokens came from the busy slot: {v}");
-    let log = s.log();
+    let log = s.wait_log("request done", 2, Duration::from_secs(30));
     let copied = format!("copied_from_other_slot={}", prompt - 1);
     assert!(log.lines().filter(|l| l.contains("request done")).any(|l| l.contains(&copied)), "{log}");
     assert_eq!(s.get("/health").json()["slots_idle"], 2);
+}
+
+/// Three clients asking about one document at the same moment: one slot prefills it, the
+/// other two wait for that prefill and copy its entries, and every answer is what plain
+/// greedy decoding gives that question alone.
+#[test]
+fn simultaneous_requests_prefill_a_shared_document_once() {
+    let _g = serial();
+    let doc = std::fs::read_to_string(repo_path("tests/fixtures/eval_text.txt")).unwrap()[..1500].to_string();
+    let questions = ["Summarize it in one sentence.", "What is its first word?", "Give it a title."];
+    let references: Vec<String> = questions
+        .iter()
+        .map(|q| generate_cli(&config(), &["--chat", "--system", &doc, "-p", q, "--max-tokens", "16"]))
+        .collect();
+    let s = Server::start(&config(), &["-m", &smollm2(), "-t", "2", "--parallel", "3", "--alias", "smollm2"], &cache(), &[("COORDGEN_LOG", "info")]);
+    let clients: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let (addr, body) = (s.addr.clone(), chat_body(&[("system", doc.as_str()), ("user", q)], 16, false).to_string());
+            std::thread::spawn(move || request(&addr, "POST", "/v1/chat/completions", &[("Content-Type", "application/json")], body.as_bytes()))
+        })
+        .collect();
+    let replies: Vec<Value> = clients.into_iter().map(|c| c.join().unwrap().json()).collect();
+    let mut sharing = 0;
+    for ((v, want), q) in replies.iter().zip(&references).zip(questions) {
+        assert_eq!(&text_of(v), want, "{q:?}: the answer differs from plain greedy decoding");
+        let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        // The document is about 350 tokens; the questions differ only in the last few.
+        if prompt > 300 && cached + 20 >= prompt {
+            sharing += 1;
+        }
+    }
+    assert_eq!(sharing, 2, "two requests should have copied the document's entries: {replies:?}");
+    let log = s.wait_log("request done", 3, Duration::from_secs(30));
+    assert_eq!(log.lines().filter(|l| l.contains("request done") && !l.contains("copied_from_other_slot=0")).count(), 2, "{log}");
+    assert_eq!(s.get("/health").json()["slots_idle"], 3);
 }
 
 /// 32 clients at once against 4 slots and a queue of 8: every request completes or gets a

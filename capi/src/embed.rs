@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use coordgen::chat::Message;
-use coordgen::config::{resolve_model, PluginsConfig};
+use coordgen::config::PluginsConfig;
 use coordgen::engine::{GenerateParams, Generation, Session};
-use coordgen::plugins;
+use coordgen::open::OpenSpec;
 
 /// One model in one KV slot, behind a lock so `cancel` may come from another thread while
 /// a generation runs.
@@ -32,24 +32,10 @@ pub struct OpenArgs<'a> {
 
 pub fn open(a: &OpenArgs<'_>) -> Result<Embedded> {
     let cfg = PluginsConfig::load(a.config)?;
-    let (mut backend, _) = plugins::load_backend(&cfg, &cfg.target_backend)?;
-    if a.threads != 0 {
-        backend.set_threads(a.threads)?;
-    }
-    let path = resolve_model(a.model);
-    if !path.exists() {
-        bail!("model {} not found", path.display());
-    }
-    let mut s = Session::open(backend, &path, a.n_ctx)?;
-    let drafter = match a.drafter {
-        Some("none") | Some("plain") => None,
-        Some(d) => Some(d.to_string()),
-        None => cfg.drafter.clone(),
-    };
-    if let Some(spec) = drafter {
-        s.set_drafter(Some(plugins::load_drafters(&cfg, &spec)?))?;
+    let mut s = Session::from_config(&cfg, &OpenSpec { backend: None, model: a.model, threads: a.threads, n_ctx: a.n_ctx })?;
+    if s.attach_drafter_from(&cfg, a.drafter)? {
         // The scheduler plans the drafts (and measures this machine's cost model once).
-        s.set_scheduler(coordgen::scheduler::load_scheduler(&cfg, &cfg.default_scheduler())?)?;
+        s.attach_scheduler_from(&cfg, None)?;
     }
     Ok(Embedded { session: Mutex::new(s), cancel: Arc::new(AtomicBool::new(false)), techniques: cfg.techniques.clone() })
 }

@@ -77,6 +77,20 @@ impl Server {
         false
     }
 
+    /// Waits (up to `within`) until `count` lines of the log contain `needle` and returns
+    /// the log: a request's log line comes after its reply, so a test reads it this way.
+    pub fn wait_log(&self, needle: &str, count: usize, within: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            let log = self.log();
+            if log.lines().filter(|l| l.contains(needle)).count() >= count {
+                return log;
+            }
+            assert!(t.elapsed() < within, "{count} log lines with {needle:?} not seen after {within:?}:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls `/health` until `slots_idle` equals `n` (or panics after `within`).
     pub fn wait_idle(&self, n: u64, within: Duration) {
         let t = Instant::now();

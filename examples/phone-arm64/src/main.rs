@@ -9,13 +9,12 @@
 //! ```
 
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use coordgen::chat::Message;
 use coordgen::config::PluginsConfig;
 use coordgen::engine::{GenerateParams, Session};
-use coordgen::plugins;
+use coordgen::open::OpenSpec;
 
 struct Args {
     model: String,
@@ -52,20 +51,9 @@ fn main() -> Result<()> {
     // $COORDGEN_CONFIG or ./plugins.toml if present; else the built-in default: the CPU
     // backend plugin (libcoordgen_backend_cpu.so) next to this binary, plain decoding.
     let cfg = PluginsConfig::load(None)?;
-    let (mut backend, _) = plugins::load_backend(&cfg, &cfg.target_backend)?;
-    if a.threads > 0 {
-        backend.set_threads(a.threads)?;
-    }
-    let backend_facts: serde_json::Value = serde_json::from_str(&backend.stats_json()).unwrap_or_default();
-    let mut s = Session::open(backend, Path::new(&a.model), 2048)?;
-    let drafter = match a.drafter.as_deref() {
-        Some("none") => None,
-        Some(d) => Some(d.to_string()),
-        None => cfg.drafter.clone(),
-    };
-    if let Some(d) = drafter {
-        s.set_drafter(Some(plugins::load_drafters(&cfg, &d)?))?;
-    }
+    let mut s = Session::from_config(&cfg, &OpenSpec { backend: None, model: &a.model, threads: a.threads, n_ctx: 2048 })?;
+    let backend_facts: serde_json::Value = serde_json::from_str(&s.backend().stats_json()).unwrap_or_default();
+    s.attach_drafter_from(&cfg, a.drafter.as_deref())?;
     let text = if a.chat { s.render_chat(&[Message::new("user", &a.prompt)], true)? } else { a.prompt.clone() };
     let prompt = s.tok().encode(&text, true)?;
     let params = GenerateParams { max_tokens: a.max_tokens, ..Default::default() };

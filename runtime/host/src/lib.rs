@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod fuzz_targets;
 pub mod index;
+pub mod open;
 pub mod plugins;
 pub mod replay;
 pub mod sampling;

@@ -2,10 +2,10 @@
 //! batch or a bad compaction read alike: plain functions over plain data, called inside the
 //! plugin (nothing here crosses the boundary).
 
-/// Checks a forward batch against the model's vocabulary and the slot: `cached` entries
-/// already held, room for `n_ctx`. An empty mask means causal. The width limit is the
-/// backend's own check.
-pub fn check_batch(tokens: &[u32], positions: &[u32], mask: &[u8], logit_rows: &[u32], n_vocab: usize, cached: usize, n_ctx: usize) -> Result<(), String> {
+/// Checks a forward batch's shape: a token, a position per token, a `w*w` mask or none
+/// (causal), logit rows inside the batch. Host-side adapters that reshape a batch (the
+/// fixed-width padding) check this much before they touch it.
+pub fn check_shape(tokens: &[u32], positions: &[u32], mask: &[u8], logit_rows: &[u32]) -> Result<(), String> {
     let w = tokens.len();
     if w == 0 {
         return Err("forward: empty batch".into());
@@ -19,6 +19,15 @@ pub fn check_batch(tokens: &[u32], positions: &[u32], mask: &[u8], logit_rows: &
     if let Some(&r) = logit_rows.iter().find(|&&r| r as usize >= w) {
         return Err(format!("forward: logit row {r} outside a batch of {w}"));
     }
+    Ok(())
+}
+
+/// Checks a forward batch: its shape ([`check_shape`]), then against the model's
+/// vocabulary and the slot: `cached` entries already held, room for `n_ctx`. The width
+/// limit is the backend's own check.
+pub fn check_batch(tokens: &[u32], positions: &[u32], mask: &[u8], logit_rows: &[u32], n_vocab: usize, cached: usize, n_ctx: usize) -> Result<(), String> {
+    check_shape(tokens, positions, mask, logit_rows)?;
+    let w = tokens.len();
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
         return Err(format!("forward: token id {t} outside the vocabulary of {n_vocab}"));
     }

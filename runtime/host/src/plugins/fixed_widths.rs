@@ -90,15 +90,8 @@ impl FixedWidths {
         if w == 0 {
             return self.inner.forward(f);
         }
-        if f.positions.len() != w {
-            return Err(self.err(format!("forward: {} positions for {w} tokens", f.positions.len())));
-        }
-        if !f.mask.is_empty() && f.mask.len() != w * w {
-            return Err(self.err(format!("forward: mask has {} entries, expected {}", f.mask.len(), w * w)));
-        }
-        if let Some(&r) = f.logit_rows.iter().find(|&&r| r as usize >= w) {
-            return Err(self.err(format!("forward: logit row {r} of a batch of {w}")));
-        }
+        // Before padding: a malformed batch must fail as it would on the backend itself.
+        coordgen_interface::checks::check_shape(f.tokens, f.positions, f.mask, f.logit_rows).map_err(|m| self.err(m))?;
         let len_before = self.inner.slot_len(f.slot)?;
         if w <= widest {
             return self.padded_forward(f, len_before);

@@ -236,12 +236,16 @@ fn spawn_generate(
 ) -> tokio::task::JoinHandle<Result<Generation, String>> {
     tokio::task::spawn_blocking(move || {
         let _span = tracing::info_span!("request", id, prompt_tokens = prompt.len()).entered();
-        let active = st.batcher.active();
         st.ensure_drafter(&mut lease.session);
-        let copied = st.pool.adopt_shared_prefix(&mut lease.session, &prompt);
+        // Before this request counts as active: the batcher's leader would wait for its
+        // forwards while it waits for another slot's prefill.
+        let copied = st.pool.adopt_shared_prefix(&mut lease.session, &prompt, params.cancel.as_deref());
+        let slot = lease.session.slot();
+        st.pool.announce(slot, &prompt);
+        let active = st.batcher.active();
         let mut params = params;
-        let (pool, slot) = (st.clone(), lease.session.slot());
-        params.on_prefilled = Some(PrefillHook(Arc::new(move |p: &[u32]| pool.pool.publish(slot, p))));
+        let pool = st.clone();
+        params.on_prefilled = Some(PrefillHook(Arc::new(move |_: &[u32]| pool.pool.publish(slot))));
         let cancel = params.cancel.clone();
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             lease.session.generate(&prompt, &params, &mut |piece| {

@@ -46,6 +46,8 @@ pub struct Options {
     pub max_body: usize,
     /// Requests that may wait for a busy slot (beyond them: 503).
     pub queue: usize,
+    /// Requests copy the prompt prefix they share with a busy slot (see `slots`).
+    pub prefix_sharing: bool,
     /// Defaults of every request (sampling, drafting techniques); request fields override.
     pub defaults: GenerateParams,
     /// The seconds a shutdown waits for in-flight requests to end after cancelling them.
@@ -75,7 +77,7 @@ impl Served {
     pub fn new(opts: Options, sessions: Vec<Session>, batcher: Batcher, drafter_factory: Option<DrafterFactory>) -> Result<Served> {
         let first = sessions.first().context("the server needs at least one slot")?;
         let (tok, n_ctx, n_vocab) = (first.tok().clone(), first.n_ctx(), first.model().n_vocab);
-        let pool = slots::Pool::new(sessions, opts.queue);
+        let pool = slots::Pool::new(sessions, opts.queue, opts.prefix_sharing);
         Ok(Served {
             opts,
             pool,

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use coordgen::config::{resolve_model, PluginsConfig};
 use coordgen::engine::{GenerateParams, Session, Techniques};
-use coordgen::plugins;
+use coordgen::open::OpenSpec;
 use coordgen::sampling::SamplingParams;
 
 #[derive(Args, Clone)]
@@ -129,63 +129,29 @@ impl SampleArgs {
 /// Installs the drafter asked for on the command line (`none` = plain), or else the
 /// configuration's default drafter.
 pub fn attach_drafter(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {
-    let spec = match cli {
-        Some("none") | Some("plain") => None,
-        Some(x) => Some(x.to_string()),
-        None => cfg.drafter.clone(),
-    };
-    if let Some(spec) = spec {
-        let d = plugins::load_drafters(cfg, &spec)?;
-        s.set_drafter(Some(d))?;
-    }
-    Ok(())
+    s.attach_drafter_from(cfg, cli).map(|_| ())
 }
 
 /// Installs the scheduler (measuring the cost model first if this machine, model and backend
 /// have no cached calibration).
 pub fn attach_scheduler(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {
-    let name = cli.map(str::to_string).unwrap_or_else(|| cfg.default_scheduler());
-    let sched = coordgen::scheduler::load_scheduler(cfg, &name)?;
     if !coordgen::calibrate::is_cached(s) {
         eprintln!("calibrating the cost model for this machine, model and backend (once; `coordgen calibrate` redoes it)...");
     }
-    s.set_scheduler(sched)
-}
-
-/// A backend other than the CPU one that fails to start or to load the model: the error,
-/// and how to run without it, unless the backend's message says so already.
-fn with_fallback_hint(name: &str, e: anyhow::Error) -> anyhow::Error {
-    let msg = format!("{e:#}");
-    if name == "cpu" || msg.contains("target_backend") || msg.contains("--backend cpu") {
-        e
-    } else {
-        e.context(format!("backend {name:?} failed; to run on the CPU instead use --backend cpu or target_backend = \"cpu\" in plugins.toml"))
-    }
+    s.attach_scheduler_from(cfg, cli)
 }
 
 pub fn open_session(cfg: &PluginsConfig, m: &ModelArgs) -> Result<Session> {
-    let name = m.backend.clone().unwrap_or_else(|| cfg.target_backend.clone());
-    let (mut backend, _) = plugins::load_backend(cfg, &name).map_err(|e| with_fallback_hint(&name, e.into()))?;
-    if m.threads != 0 {
-        backend.set_threads(m.threads)?;
-    }
-    let path = resolve_model(&m.model);
-    if !path.exists() {
-        bail!("model {} not found (run scripts/fetch_models.sh for the default models)", path.display());
-    }
     let pb = indicatif::ProgressBar::new_spinner();
     if std::io::stderr().is_terminal() {
         pb.enable_steady_tick(std::time::Duration::from_millis(100));
     } else {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    pb.set_message(format!("loading {}", path.display()));
-    let s = Session::open(backend, &path, m.ctx_size);
+    pb.set_message(format!("loading {}", resolve_model(&m.model).display()));
+    let spec = OpenSpec { backend: m.backend.as_deref(), model: &m.model, threads: m.threads, n_ctx: m.ctx_size };
+    let s = Session::from_config(cfg, &spec);
     pb.finish_and_clear();
-    let s = s.map_err(|e| with_fallback_hint(&name, e))?;
-    // Extra bytes: what the backend allocated beyond the mapped file (the CPU backend's
-    // repacked weights, whose mapped pages it releases).
-    tracing::info!(model = %path.display(), arch = %s.model().arch, weight_bytes = s.model().weight_bytes, extra_bytes = s.model().extra_bytes, "model loaded");
-    Ok(s)
+    s
 }
 

@@ -70,6 +70,10 @@ struct ServeArgs {
     /// Require `Authorization: Bearer KEY` (default: $COORDGEN_API_KEY, else no key).
     #[arg(long)]
     api_key: Option<String>,
+    /// Do not copy a shared prompt prefix from another busy slot (each slot then prefills
+    /// its whole prompt, as when the prompts differ).
+    #[arg(long)]
+    no_prefix_sharing: bool,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     max_body: usize,
@@ -358,6 +362,7 @@ fn cmd_serve(config: &Option<PathBuf>, a: ServeArgs) -> Result<()> {
         model_aliases: aliases,
         max_body: a.max_body,
         queue: a.queue,
+        prefix_sharing: !a.no_prefix_sharing,
         defaults,
         shutdown_grace: std::time::Duration::from_secs(10),
     };
