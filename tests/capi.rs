@@ -67,6 +67,29 @@ fn c_program_embeds_the_runtime() {
     }
 }
 
+/// The Rust embedding example (`examples/cpu-generate`), run with a config that names the
+/// n-gram drafter, streams the chat answer plain greedy decoding gives.
+#[test]
+fn rust_example_streams_the_plain_greedy_answer() {
+    let dir = temp_dir("cpu-generate");
+    let cache = format!("cache_dir = \"{}\"", dir.join("cache").display());
+    let config = format!("target_backend = \"cpu\"\ndrafter = \"ngram\"\n{}{}", cpu_entry(2), plugin_entry("ngram", "drafter", "coordgen_drafter_ngram", &cache));
+    let cfg = dir.join("plugins.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let model = model_file("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let question = "Name three prime numbers and say why each is prime.";
+    let run = Command::new(plugin_dir().join("cpu-generate")).arg(&model).arg(question).arg("2").env("COORDGEN_CONFIG", &cfg).env("COORDGEN_CACHE", dir.join("cache")).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "cpu-generate failed:\n{out}\n{err}");
+    assert!(err.contains("speculative decoding"), "the config's drafter was not attached: {err}");
+
+    let mut s = Session::open(cpu_backend(2), &model, 4096).unwrap();
+    let text = s.render_chat(&[coordgen::chat::Message::new("user", question)], true).unwrap();
+    let prompt = s.tok().encode(&text, true).unwrap();
+    let plain = s.generate(&prompt, &GenerateParams { max_tokens: 128, ..Default::default() }, &mut |_| {}).unwrap();
+    assert_eq!(out.trim_end(), plain.text.trim_end(), "cpu-generate (n-gram drafter) vs plain greedy");
+}
+
 /// The Android example's JNI glue (`examples/android-jni`), loaded into a JVM through a Java
 /// stand-in with the Kotlin class's native methods: a missing model throws with CoordGen's
 /// message, a chat reply streams to the callback and equals the Rust session's greedy

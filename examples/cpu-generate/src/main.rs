@@ -1,6 +1,7 @@
-//! Embedding CoordGen in a program: load the plugins named in a `plugins.toml` (or the
-//! built-in default, the CPU backend next to the binary), open a model, and stream a chat
-//! answer to stdout.
+//! Embedding CoordGen in a program: open a model on the backend and with the drafter a
+//! `plugins.toml` names ($COORDGEN_CONFIG or ./plugins.toml; else the built-in default, the
+//! CPU backend next to the binary and plain decoding), and stream a greedy chat answer to
+//! stdout. Speculative decoding is lossless: the drafter changes the speed, not the text.
 //!
 //! ```sh
 //! cargo build --release --workspace
@@ -8,13 +9,12 @@
 //! ```
 
 use std::io::Write;
-use std::path::Path;
 
 use anyhow::{bail, Result};
 use coordgen::chat::Message;
 use coordgen::config::PluginsConfig;
 use coordgen::engine::{GenerateParams, Session};
-use coordgen::plugins;
+use coordgen::open::OpenSpec;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -23,15 +23,11 @@ fn main() -> Result<()> {
     }
     let threads: u32 = args.get(3).map(|t| t.parse()).transpose()?.unwrap_or(0);
 
-    // The same plugin configuration the `coordgen` binary reads.
+    // The same plugin configuration the `coordgen` binary reads, opened the same way.
     let cfg = PluginsConfig::load(None)?;
-    let (mut backend, info) = plugins::load_backend(&cfg, &cfg.target_backend)?;
-    eprintln!("backend '{}' from {}", info.info_name, info.path.display());
-    if threads > 0 {
-        backend.set_threads(threads)?;
-    }
-
-    let mut session = Session::open(backend, Path::new(&args[1]), 4096)?;
+    let mut session = Session::from_config(&cfg, &OpenSpec { backend: None, model: &args[1], threads, n_ctx: 4096 })?;
+    let drafting = session.attach_drafter_from(&cfg, None)?;
+    eprintln!("backend '{}', {}", session.backend().name(), if drafting { "speculative decoding" } else { "plain decoding" });
     let prompt_text = session.render_chat(&[Message::new("user", &args[2])], true)?;
     let prompt = session.tok().encode(&prompt_text, true)?;
     let params = GenerateParams { max_tokens: 128, ..Default::default() };
