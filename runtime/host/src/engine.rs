@@ -75,9 +75,9 @@ pub struct GenerateParams {
     pub on_prefilled: Option<PrefillHook>,
 }
 
-/// A callback given the prompt whose KV entries the session's slot now holds.
+/// A callback run once the session's slot holds the KV entries of the request's prompt.
 #[derive(Clone)]
-pub struct PrefillHook(pub Arc<dyn Fn(&[u32]) + Send + Sync>);
+pub struct PrefillHook(pub Arc<dyn Fn() + Send + Sync>);
 
 impl std::fmt::Debug for PrefillHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

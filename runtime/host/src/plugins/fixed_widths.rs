@@ -87,9 +87,6 @@ impl FixedWidths {
     fn forward_any(&mut self, f: &Forward<'_>) -> PResult<Vec<f32>> {
         let w = f.tokens.len();
         let widest = self.widest() as usize;
-        if w == 0 {
-            return self.inner.forward(f);
-        }
         // Before padding: a malformed batch must fail as it would on the backend itself.
         coordgen_interface::checks::check_shape(f.tokens, f.positions, f.mask, f.logit_rows).map_err(|m| self.err(m))?;
         let len_before = self.inner.slot_len(f.slot)?;

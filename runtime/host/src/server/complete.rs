@@ -245,7 +245,7 @@ fn spawn_generate(
         let active = st.batcher.active();
         let mut params = params;
         let pool = st.clone();
-        params.on_prefilled = Some(PrefillHook(Arc::new(move |_: &[u32]| pool.pool.publish(slot))));
+        params.on_prefilled = Some(PrefillHook(Arc::new(move || pool.pool.publish(slot))));
         let cancel = params.cancel.clone();
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             lease.session.generate(&prompt, &params, &mut |piece| {

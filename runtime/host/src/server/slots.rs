@@ -30,7 +30,7 @@ const SHARE_WAIT: Duration = Duration::from_secs(60);
 /// A busy slot's prompt; `ready` once the slot's cache holds its entries.
 struct Published {
     slot: u32,
-    prompt: Arc<[u32]>,
+    prompt: Box<[u32]>,
     ready: bool,
 }
 
@@ -182,8 +182,8 @@ impl Pool {
                 published = self.changed.wait_timeout(published, step).unwrap_or_else(|e| e.into_inner()).0;
                 continue;
             }
-            let (src, tokens) = (e.slot, e.prompt.clone());
-            return match session.copy_prefix_from(src, &tokens[..n]) {
+            let src = e.slot;
+            return match session.copy_prefix_from(src, &e.prompt[..n]) {
                 Ok(()) => {
                     tracing::debug!(from = src, to = session.slot(), tokens = n, "copied a shared prompt prefix");
                     n

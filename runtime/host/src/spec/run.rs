@@ -58,7 +58,7 @@ impl Session {
             Err(e) => return dec.abandon(e),
         };
         if let Some(hook) = &p.on_prefilled {
-            (hook.0)(prompt);
+            (hook.0)();
         }
         let timings = Timings { prompt_tokens: prompt.len(), prefill_tokens: computed, prefill_ms: t0.elapsed().as_secs_f64() * 1e3, ..Default::default() };
         let t1 = Instant::now();

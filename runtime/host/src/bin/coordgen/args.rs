@@ -126,12 +126,6 @@ impl SampleArgs {
     }
 }
 
-/// Installs the drafter asked for on the command line (`none` = plain), or else the
-/// configuration's default drafter.
-pub fn attach_drafter(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {
-    s.attach_drafter_from(cfg, cli).map(|_| ())
-}
-
 /// Installs the scheduler (measuring the cost model first if this machine, model and backend
 /// have no cached calibration).
 pub fn attach_scheduler(cfg: &PluginsConfig, s: &mut Session, cli: Option<&str>) -> Result<()> {

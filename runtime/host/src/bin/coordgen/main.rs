@@ -14,7 +14,7 @@ use coordgen::config::{resolve_model, PluginsConfig};
 use coordgen::engine::Session;
 use coordgen::plugins;
 
-use args::{attach_drafter, attach_scheduler, open_session, ModelArgs, SampleArgs};
+use args::{attach_scheduler, open_session, ModelArgs, SampleArgs};
 use eval::{cmd_bench, cmd_calibrate, BenchArgs, CalibrateArgs};
 
 #[derive(Parser)]
@@ -153,7 +153,7 @@ fn cmd_generate(config: &Option<PathBuf>, a: GenerateArgs) -> Result<()> {
     let cfg = a.sample.config(config)?;
     let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
-    attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
+    s.attach_drafter_from(&cfg, a.sample.drafter.as_deref())?;
     attach_scheduler(&cfg, &mut s, a.sample.scheduler.as_deref())?;
     let prompt_text = if a.chat {
         let mut msgs = Vec::new();
@@ -206,7 +206,7 @@ fn cmd_chat(config: &Option<PathBuf>, a: ChatArgs) -> Result<()> {
     let cfg = a.sample.config(config)?;
     let params = a.sample.params_with(&cfg)?;
     let mut s = open_session(&cfg, &a.model)?;
-    attach_drafter(&cfg, &mut s, a.sample.drafter.as_deref())?;
+    s.attach_drafter_from(&cfg, a.sample.drafter.as_deref())?;
     attach_scheduler(&cfg, &mut s, a.sample.scheduler.as_deref())?;
     let mut msgs = Vec::new();
     if let Some(sys) = &a.system {
